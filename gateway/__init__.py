@@ -1,0 +1,3 @@
+"""invalgw: a multi-region cache-invalidation gateway for Redis."""
+
+__version__ = "0.1.0"

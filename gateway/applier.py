@@ -1,0 +1,107 @@
+"""Local apply: invalidations written in this region take effect in this region's cache at once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from gateway.cache import Cache
+from gateway.clock import ServerClock
+from gateway.deadletter import DeadLetter, DeadLetters
+from gateway.gaps import Gaps
+from gateway.groups import Entry, GroupReader
+from gateway.lag import LagWindow, LinkStatus, ack_with_status
+from gateway.metrics import Metrics
+from proto import Invalidation, InvalidEntry, Limits, parse_entry
+
+log = logging.getLogger(__name__)
+
+
+def id_ms(entry_id: str | bytes) -> int:
+    """The millisecond part of a stream ID: the origin Redis's clock at XADD."""
+    if isinstance(entry_id, bytes):
+        return int(entry_id.partition(b"-")[0])
+    return int(entry_id.partition("-")[0])
+
+
+def parse_batch(
+    entries: Sequence[Entry], limits: Limits
+) -> tuple[list[Invalidation], list[DeadLetter], list[bytes]]:
+    """Split entries into valid invalidations, dead letters, and IDs whose data is gone."""
+    valid: list[Invalidation] = []
+    dead: list[DeadLetter] = []
+    lost: list[bytes] = []
+    for entry_id, fields in entries:
+        if not fields:
+            lost.append(entry_id)
+            continue
+        try:
+            valid.append(parse_entry(entry_id.decode(), fields, limits))
+        except InvalidEntry as exc:
+            dead.append(DeadLetter(entry_id, fields, exc.reason, exc.code))
+    return valid, dead, lost
+
+
+class LocalApplier:
+    """Handler of the ``apply`` group on the local stream."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        reader: GroupReader,
+        cache: Cache,
+        dead_letters: DeadLetters,
+        gaps: Gaps,
+        limits: Limits,
+        metrics: Metrics,
+        clock: ServerClock,
+        status: LinkStatus,
+        status_key: str,
+    ) -> None:
+        self.region = region
+        self.reader = reader
+        self.cache = cache
+        self.dead_letters = dead_letters
+        self.gaps = gaps
+        self.limits = limits
+        self.clock = clock
+        self.status = status
+        self.status_key = status_key
+        self.window = LagWindow()
+        self._lag = metrics.lag.labels(region, region)
+        self._applied = metrics.applied.labels(region, region, "unlink")
+        self._removed = metrics.keys_removed.labels(region, region)
+        self._batch = metrics.batch_size.labels(region, "apply")
+
+    async def __call__(self, entries: Sequence[Entry]) -> None:
+        valid, dead, lost = parse_batch(entries, self.limits)
+        await self.dead_letters.put(self.reader.stream, dead)
+        if lost:
+            await self.gaps.record(
+                self.region,
+                "local entries deleted before they were applied",
+                after=lost[0].decode(),
+                upto=lost[-1].decode(),
+            )
+        keys = [key for invalidation in valid for key in invalidation.keys]
+        removed = await self.cache.unlink(keys)
+        if valid:
+            self.status.last_id = valid[-1].id
+        await ack_with_status(
+            self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
+        )
+        self._record(valid, removed)
+
+    def _record(self, valid: list[Invalidation], removed: int) -> None:
+        self._batch.observe(len(valid))
+        if not valid:
+            return
+        self._applied.inc(len(valid))
+        self._removed.inc(removed)
+        now = self.clock.now_ms()
+        for invalidation in valid:
+            lag = max(0.0, now - id_ms(invalidation.id))
+            self._lag.observe(lag / 1000)
+            self.window.add(lag)
+        self.status.applied += len(valid)

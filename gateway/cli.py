@@ -1,0 +1,142 @@
+"""``invalgw``: check a region's config, run its gateway, publish invalidations, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from gateway.config import RegionConfig, load_config, redact
+from gateway.connections import connect, connect_sync, probe
+from gateway.errors import ConfigError, GatewayError, RedisUnreachable
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.command(args)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"invalgw: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as exc:
+        print(f"invalgw: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invalgw",
+        description="Multi-region cache-invalidation gateway for Redis.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default: info)",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check", help="validate a region config and reach every Redis it names"
+    )
+    check.add_argument("--config", required=True, metavar="FILE", help="regions/<name>.toml")
+    check.set_defaults(command=cmd_check)
+
+    run = commands.add_parser("run", help="run a region's gateway until SIGTERM/SIGINT")
+    run.add_argument("--config", required=True, metavar="FILE", help="regions/<name>.toml")
+    run.set_defaults(command=cmd_run)
+
+    publish = commands.add_parser(
+        "publish", help="invalidate keys in every region (one XADD into this region's stream)"
+    )
+    publish.add_argument("--config", required=True, metavar="FILE", help="regions/<name>.toml")
+    publish.add_argument(
+        "--unlink-local",
+        action="store_true",
+        help="also UNLINK the keys in this region in the same round trip (read-your-writes)",
+    )
+    publish.add_argument("--source", help="name of the producing service, kept for tracing")
+    publish.add_argument("keys", nargs="+", metavar="KEY")
+    publish.set_defaults(command=cmd_publish)
+
+    from gateway import bench, demo
+
+    demo.add_parser(commands)
+    bench.add_parser(commands)
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: valid config for region {config.region}")
+    return anyio.run(_reach_all, config)
+
+
+async def _reach_all(config: RegionConfig) -> int:
+    targets = [(f"{config.region} (redis)", config.redis)]
+    if config.cache is not None:
+        targets.append((f"{config.region} (cache)", config.cache))
+    targets += [(f"peer {peer.name}", peer) for peer in config.peers]
+    results: dict[str, str] = {}
+
+    async def reach(label: str, endpoint: object) -> None:
+        from gateway.config import RedisEndpoint
+
+        assert isinstance(endpoint, RedisEndpoint)
+        client = connect(endpoint, name=f"invalgw:{config.region}:check")
+        try:
+            version = await probe(client, label=label, url=endpoint.url)
+            results[label] = f"ok    {label}: {redact(endpoint.url)} (Redis {version})"
+        except RedisUnreachable as exc:
+            results[label] = f"FAIL  {exc}"
+        finally:
+            await client.aclose()
+
+    async with anyio.create_task_group() as tg:
+        for label, endpoint in targets:
+            tg.start_soon(reach, label, endpoint)
+    failed = False
+    for label, _ in targets:
+        print(results[label])
+        failed |= results[label].startswith("FAIL")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.service import serve
+
+    config = load_config(args.config)
+    return anyio.run(serve, config)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from gateway.producer import SyncInvalidator
+
+    config = load_config(args.config)
+    client = connect_sync(config.redis, name=f"invalgw:{config.region}:publish")
+    try:
+        invalidator = SyncInvalidator(client, stream=config.streams.local, source=args.source)
+        entry_id = invalidator.invalidate(*args.keys, unlink_local=args.unlink_local)
+    except Exception as exc:
+        raise RedisUnreachable(f"{config.region}: {redact(config.redis.url)}: {exc}") from None
+    finally:
+        client.close()
+    print(entry_id)
+    return EXIT_OK

@@ -1,0 +1,302 @@
+"""Region configuration: one TOML file per region, decoded into frozen msgspec structs.
+
+Every problem in a file is reported on a line of its own, naming the file, the field path and
+what is wrong, so an operator can fix them all in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from gateway.errors import ConfigError
+from proto import Limits
+
+RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+"""Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to reach one Redis: URL (TLS with ``rediss://``, ``user:password@`` accepted)."""
+
+    url: str
+    socket_timeout_ms: int = 5000
+    connect_timeout_ms: int = 2000
+    retries: int = 2
+    """Retries of one call after a connection error or timeout, with jittered backoff."""
+    backoff_base_ms: int = 20
+    backoff_cap_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in _SCHEMES:
+            raise ValueError(
+                f"url: {redact(self.url)!r} must start with redis://, rediss:// or unix://"
+            )
+        for name in (
+            "socket_timeout_ms",
+            "connect_timeout_ms",
+            "backoff_base_ms",
+            "backoff_cap_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive")
+        if self.retries < 0:
+            raise ValueError("retries: must be 0 or more")
+        if self.backoff_cap_ms < self.backoff_base_ms:
+            raise ValueError("backoff_cap_ms: must not be below backoff_base_ms")
+
+
+class Peer(RedisEndpoint, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A peer region: its name and its Redis, where this gateway writes the mirror stream."""
+
+    name: RegionName
+
+
+class Streams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Names and sizes of the streams the gateway reads and writes."""
+
+    local: str = "invalidations"
+    """The stream producers XADD into, in this region's Redis."""
+    namespace: str = "invalgw"
+    """Prefix of every key the gateway itself creates (mirrors, dead letters, state)."""
+    max_len: int = 1_000_000
+    """Hard cap on the local stream. Beyond it the oldest entries go even if a peer has not
+    received them; that peer records a gap and resyncs."""
+    mirror_max_len: int = 100_000
+    """Hard cap, in envelopes, on each mirror stream this region receives."""
+    dead_letter_max_len: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_len", "mirror_max_len", "dead_letter_max_len"):
+            if getattr(self, name) < 1000:
+                raise ValueError(f"{name}: must be at least 1000")
+        for name in ("local", "namespace"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
+
+
+class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the gateway reads, batches, reclaims and drains."""
+
+    consumer: str = ""
+    """Consumer name in every group; keep it stable per deployment slot. Default: the host name."""
+    batch_size: int = 500
+    block_ms: int = 1000
+    """How long one XREADGROUP waits for entries; must stay below the socket timeout."""
+    heartbeat_interval_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    """Pending entries idle this long (their consumer died) are reclaimed with XAUTOCLAIM."""
+    claim_interval_ms: int = 15_000
+    trim_interval_ms: int = 1000
+    retry_backoff_cap_ms: int = 5000
+    """Upper bound of the jittered wait between attempts to reach a Redis that is down."""
+    drain_timeout_ms: int = 10_000
+    """How long the first SIGTERM waits for batches in hand before exiting anyway."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 10_000:
+            raise ValueError("batch_size: must be between 1 and 10000")
+        for name in (
+            "block_ms",
+            "heartbeat_interval_ms",
+            "claim_idle_ms",
+            "claim_interval_ms",
+            "trim_interval_ms",
+            "retry_backoff_cap_ms",
+            "drain_timeout_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive")
+
+
+class Metrics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Prometheus endpoint: ``port = 0`` turns it off."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port: must be between 0 and 65535")
+
+
+class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything one region's gateway needs to know."""
+
+    region: RegionName
+    redis: RedisEndpoint
+    """The region's Redis: its invalidation stream, mirrors and state."""
+    cache: RedisEndpoint | None = None
+    """The region's cache, where keys are unlinked. Default: the same Redis as ``redis``."""
+    peers: list[Peer] = []
+    streams: Streams = Streams()
+    gateway: Tuning = Tuning()
+    limits: Limits = Limits()
+    metrics: Metrics = Metrics()
+
+    def __post_init__(self) -> None:
+        names = [peer.name for peer in self.peers]
+        if self.region in names:
+            raise ValueError(f"peers: region {self.region!r} lists itself as a peer")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"peers: {', '.join(duplicates)} listed more than once")
+        if self.gateway.block_ms >= self.redis.socket_timeout_ms:
+            raise ValueError(
+                f"gateway.block_ms: {self.gateway.block_ms} must be below "
+                f"redis.socket_timeout_ms ({self.redis.socket_timeout_ms}), or every idle read "
+                "would time out"
+            )
+
+    @property
+    def cache_endpoint(self) -> RedisEndpoint:
+        return self.cache or self.redis
+
+    @property
+    def consumer(self) -> str:
+        return self.gateway.consumer or socket.gethostname()
+
+
+def load_config(path: str | os.PathLike[str]) -> RegionConfig:
+    """Read and validate one region file; raise :class:`ConfigError` listing every problem."""
+    name = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(name, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, [f"cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
+    return parse_config(raw, name)
+
+
+def parse_config(raw: dict[str, Any], name: str = "<config>") -> RegionConfig:
+    """Validate an already-parsed TOML document (see :func:`load_config`)."""
+    problems: list[str] = []
+    raw = _expand_env(raw, "", problems)
+    if not problems:
+        problems = _problems(raw, RegionConfig, "")
+    if not problems:
+        try:
+            return msgspec.convert(raw, RegionConfig)
+        except msgspec.ValidationError as exc:
+            problems = [_describe(exc, "")]
+    raise ConfigError(name, problems)
+
+
+def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
+    """Replace ``${NAME}`` in strings with the environment variable, e.g. for passwords."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, _join(path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def lookup(match: re.Match[str]) -> str:
+            if match.group(1) not in os.environ:
+                problems.append(f"{path}: environment variable {match.group(1)} is not set")
+                return ""
+            return os.environ[match.group(1)]
+
+        return _ENV_REF.sub(lookup, value)
+    return value
+
+
+def _problems(value: Any, struct: type[msgspec.Struct], path: str) -> list[str]:
+    """Every problem in ``value`` as ``struct``: unknown, missing and mistyped fields."""
+    if not isinstance(value, dict):
+        return [f"{path or 'file'}: expected a table, got {_kind(value)}"]
+    problems: list[str] = []
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    for key in value:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{_join(path, key)}: unknown field (known fields: {known})")
+    for key, field in fields.items():
+        where = _join(path, key)
+        if key not in value:
+            if field.required:
+                problems.append(f"{where}: required field is missing")
+            continue
+        nested = _struct_of(field.type)
+        inner: list[str] = []
+        if nested is not None and _is_list(field.type):
+            if isinstance(value[key], list):
+                for i, item in enumerate(value[key]):
+                    inner += _problems(item, nested, f"{where}[{i}]")
+        elif nested is not None and isinstance(value[key], dict):
+            inner = _problems(value[key], nested, where)
+        if inner:
+            problems += inner
+            continue
+        try:
+            msgspec.convert(value[key], field.type)
+        except msgspec.ValidationError as exc:
+            problems.append(_describe(exc, where))
+    return problems
+
+
+def _struct_of(annotation: Any) -> type[msgspec.Struct] | None:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is list
+
+
+_PLAIN = {
+    "Expected `int`, got `str`": "expected an integer, got a string",
+    "Expected `str`, got `int`": "expected a string, got an integer",
+    "Expected `object`, got `str`": "expected a table, got a string",
+    "Expected `array`, got `object`": "expected an array of tables ([[...]]), got a table",
+}
+
+
+def _describe(exc: msgspec.ValidationError, path: str) -> str:
+    message = str(exc)
+    where = path
+    if " - at `$" in message:
+        message, _, rest = message.rpartition(" - at `$")
+        where = (path + rest.rstrip("`")).lstrip(".")
+    for technical, plain in _PLAIN.items():
+        message = message.replace(technical, plain)
+    if message.startswith("Expected `str` matching regex"):
+        message = "must be lower-case letters, digits, '.', '_' or '-' (at most 63)"
+    field, sep, problem = message.partition(": ")
+    if sep and re.fullmatch(r"[a-z_.\[\]0-9]+", field):
+        where, message = _join(where, field), problem
+    return f"{where or 'file'}: {message}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "an integer", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

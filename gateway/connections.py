@@ -1,0 +1,68 @@
+"""Redis clients with explicit timeouts and bounded, jittered retries.
+
+redis-py's defaults can block a call for minutes during a network partition; every client the
+gateway makes goes through here, so none of them runs with defaults.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from gateway.config import RedisEndpoint, redact
+from gateway.errors import RedisUnreachable
+
+AsyncRedis = redis.asyncio.Redis
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+"""Errors that mean "this Redis is not reachable right now"."""
+REDIS_ERRORS = (redis.RedisError, OSError)
+"""Errors a pipeline stage survives: it backs off, rewinds and tries again; never fatal."""
+
+
+def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(
+        cap=endpoint.backoff_cap_ms / 1000, base=endpoint.backoff_base_ms / 1000
+    )
+
+
+def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
+    """An asyncio client for ``endpoint``; ``name`` shows in CLIENT LIST (``invalgw:us-east``)."""
+    client: AsyncRedis = redis.asyncio.Redis.from_url(
+        endpoint.url,
+        retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
+        socket_timeout=endpoint.socket_timeout_ms / 1000,
+        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
+        socket_keepalive=True,
+        client_name=name,
+        decode_responses=False,
+    )
+    return client
+
+
+def connect_sync(endpoint: RedisEndpoint, *, name: str) -> redis.Redis:
+    """A blocking client for ``endpoint``, for the CLI and the synchronous producer helper."""
+    client: redis.Redis = redis.Redis.from_url(
+        endpoint.url,
+        retry=Retry(_backoff(endpoint), endpoint.retries),
+        socket_timeout=endpoint.socket_timeout_ms / 1000,
+        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
+        socket_keepalive=True,
+        client_name=name,
+        decode_responses=False,
+    )
+    return client
+
+
+async def probe(client: AsyncRedis, *, label: str, url: str) -> str:
+    """PING and read the server version; raise :class:`RedisUnreachable` saying what failed."""
+    try:
+        await client.ping()
+        info = await client.info("server")
+    except redis.AuthenticationError as exc:
+        raise RedisUnreachable(f"{label}: {redact(url)}: authentication failed: {exc}") from None
+    except REDIS_ERRORS as exc:
+        raise RedisUnreachable(f"{label}: {redact(url)}: {exc}") from None
+    return str(info.get("redis_version", "?"))

@@ -1,0 +1,177 @@
+"""Forwarding: invalidations written here go, batched, into each peer region's mirror stream.
+
+One forwarder per peer, each with its own consumer group on the local stream, so a slow or dead
+peer only grows its own backlog. A batch is one envelope appended by one script call on the peer;
+the script refuses a batch whose last origin ID it already holds, so a batch re-sent after a crash
+or a lost reply is recognised as delivered. The local entries are acknowledged only after the peer
+accepted (or already had) them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from gateway.applier import parse_batch
+from gateway.clock import ServerClock
+from gateway.connections import AsyncRedis
+from gateway.epoch import Epoch
+from gateway.groups import Entry, GroupReader
+from gateway.metrics import Metrics
+from gateway.names import Names
+from proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
+from proto.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+APPEND_SCRIPT = """
+-- KEYS[1] mirror stream, KEYS[2] its state hash
+-- ARGV[1] 'batch' (deduplicated on its last origin ID) or 'notice' (always appended)
+-- ARGV[2] origin epoch, ARGV[3] last origin ID in the envelope, ARGV[4] envelope,
+-- ARGV[5] max length of the mirror stream
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local last = redis.call('HGET', KEYS[2], 'last')
+if ARGV[1] == 'batch' then
+  if epoch == ARGV[2] and last then
+    local ams, aseq = parse(ARGV[3])
+    local bms, bseq = parse(last)
+    if ams < bms or (ams == bms and aseq <= bseq) then
+      return {'duplicate', last}
+    end
+  end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
+  redis.call('HSET', KEYS[2], 'epoch', ARGV[2], 'last', ARGV[3])
+  return {'ok', ARGV[3]}
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
+return {'ok', last or '0-0'}
+"""
+
+
+class Forwarder:
+    """Handler of the ``to:<peer>`` group: delivers batches to one peer's mirror stream."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        peer: str,
+        reader: GroupReader,
+        local: AsyncRedis,
+        remote: AsyncRedis,
+        names: Names,
+        epoch: Epoch,
+        clock: ServerClock,
+        metrics: Metrics,
+        limits: Limits,
+        mirror_max_len: int,
+        heartbeat_interval_ms: int,
+    ) -> None:
+        self.region = region
+        self.peer = peer
+        self.reader = reader
+        self.local = local
+        self.remote = remote
+        self.epoch = epoch
+        self.clock = clock
+        self.limits = limits
+        self.mirror_max_len = mirror_max_len
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self._link_key = names.link(peer)
+        self._mirror_keys = [names.mirror(region), names.mirror_state(region)]
+        self._append = remote.register_script(APPEND_SCRIPT)
+        self.last = "0-0"
+        """Origin ID of the last invalidation delivered to the peer."""
+        self.last_sent_ms = 0.0
+        self.pending_gap: tuple[str, str] | None = None
+        self._forwarded = metrics.forwarded.labels(region, peer)
+        self._duplicates = metrics.duplicates.labels(region, peer)
+        self._batch = metrics.batch_size.labels(region, "forward")
+        self._link_up = metrics.link_up.labels(region, peer)
+
+    async def load(self) -> None:
+        """Resume from what the link state in the local Redis says was delivered."""
+        state: dict[Any, Any] = await self.local.hgetall(self._link_key)
+        if state.get(b"epoch", b"").decode() == self.epoch.value:
+            self.last = state.get(b"last", b"0-0").decode()
+        else:
+            self.last = "0-0"
+        if b"gap_after" in state:
+            self.pending_gap = (state[b"gap_after"].decode(), state[b"gap_upto"].decode())
+
+    async def __call__(self, entries: Sequence[Entry]) -> None:
+        valid, _dead, lost = parse_batch(entries, self.limits)
+        if lost:
+            self.note_gap(lost[0].decode(), lost[-1].decode())
+        epoch = self.epoch.value
+        gap = self.pending_gap
+        if valid or gap:
+            batch = Batch(
+                origin=self.region,
+                epoch=epoch,
+                prev=self.last,
+                events=valid,
+                sent_ms=int(self.clock.now_ms()),
+                gap_from=gap[0] if gap else None,
+                gap_to=gap[1] if gap else None,
+            )
+            kind = "batch" if valid else "notice"
+            last = valid[-1].id if valid else self.last
+            delivered = await self._send(kind, batch, last)
+            if delivered:
+                self._forwarded.inc(len(valid))
+            elif valid:
+                self._duplicates.inc()
+                log.info("%s: batch up to %s was already delivered", self.peer, last)
+            if valid and StreamId.parse(last) > StreamId.parse(self.last):
+                self.last = last
+        async with self.local.pipeline(transaction=False) as pipe:
+            pipe.hset(self._link_key, mapping={"epoch": epoch, "last": self.last})
+            if gap:
+                pipe.hdel(self._link_key, "gap_after", "gap_upto")
+            pipe.xack(self.reader.stream, self.reader.group, *[entry_id for entry_id, _ in entries])
+            await pipe.execute()
+        if gap == self.pending_gap:
+            self.pending_gap = None
+        self._batch.observe(len(valid))
+
+    async def idle(self) -> None:
+        """No new entries: send a heartbeat if the link has been quiet for an interval."""
+        now = self.clock.now_ms()
+        if now - self.last_sent_ms < self.heartbeat_interval_ms:
+            return
+        heartbeat = Heartbeat(
+            origin=self.region, epoch=self.epoch.value, last=self.last, sent_ms=int(now)
+        )
+        await self._send("notice", heartbeat, self.last)
+
+    def note_gap(self, after: str, upto: str) -> None:
+        """Entries this peer never received were deleted: tell it with the next envelope."""
+        if self.pending_gap is not None:
+            after = min(after, self.pending_gap[0], key=StreamId.parse)
+            upto = max(upto, self.pending_gap[1], key=StreamId.parse)
+        self.pending_gap = (after, upto)
+        log.warning(
+            "%s: entries after %s up to %s were trimmed before delivery", self.peer, after, upto
+        )
+
+    async def _send(self, kind: str, envelope: Envelope, last: str) -> bool:
+        """Append ``envelope`` on the peer; False if the peer already had this batch."""
+        try:
+            reply = await self._append(
+                keys=self._mirror_keys,
+                args=[kind, self.epoch.value, last, encode_envelope(envelope), self.mirror_max_len],
+            )
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._link_up.set(0)
+            raise
+        self._link_up.set(1)
+        self.last_sent_ms = self.clock.now_ms()
+        return bool(reply[0] == b"ok")

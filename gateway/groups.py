@@ -1,0 +1,131 @@
+"""One consumer group of one stream, read at-least-once.
+
+A :class:`GroupReader` hands out this consumer's pending entries first (left over by a crash or a
+failed batch), then new ones. It recreates its group when Redis lost it (NOGROUP), and takes over
+entries of consumers that died (XAUTOCLAIM). Entries are acknowledged only by the caller, after
+their effect.
+
+The reader's client must not retry on its own: a read whose reply was lost has still moved entries
+into this consumer's pending list, and only a rewind to the pending list keeps them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import redis
+
+from gateway.connections import AsyncRedis
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry: its ID and its fields (empty when the entry was deleted while pending)."""
+
+
+class GroupReader:
+    def __init__(
+        self,
+        client: AsyncRedis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int,
+        block_ms: int,
+        on_recreated: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.count = count
+        self.block_ms = block_ms
+        self._on_recreated = on_recreated
+        self._cursor = b"0"
+
+    async def ensure_group(self) -> bool:
+        """Create the group (and the stream) if missing; True if it had to be created.
+
+        New groups start at ID 0, so entries written before the gateway first ran are not skipped.
+        """
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    def rewind(self) -> None:
+        """Read this consumer's pending entries again before new ones (after a failed batch)."""
+        self._cursor = b"0"
+
+    async def read(self) -> list[Entry]:
+        """The next batch: pending entries first, then new ones (blocking up to ``block_ms``)."""
+        pending = self._cursor != b">"
+        try:
+            reply: Any = await self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: self._cursor},
+                count=self.count,
+                block=None if pending else self.block_ms,
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._recreate()
+            return []
+        entries: list[Entry] = reply[0][1] if reply else []
+        if pending:
+            self._cursor = entries[-1][0] if entries else b">"
+        return entries
+
+    async def _recreate(self) -> None:
+        log.warning(
+            "consumer group %r of stream %r is gone (Redis restarted without persistence, or the "
+            "stream was deleted); creating it again",
+            self.group,
+            self.stream,
+        )
+        await self.ensure_group()
+        self.rewind()
+        if self._on_recreated is not None:
+            await self._on_recreated()
+
+    async def claim(self, min_idle_ms: int) -> tuple[int, list[bytes]]:
+        """Take over entries idle at least ``min_idle_ms`` from any consumer of the group.
+
+        Returns how many were claimed and the IDs of pending entries whose data was already
+        deleted from the stream (Redis drops those from the pending list: they are lost).
+        The claimed entries are read next, through the pending list, in ID order.
+        """
+        start: bytes | str = "0-0"
+        claimed = 0
+        deleted: list[bytes] = []
+        while True:
+            try:
+                reply: Any = await self.client.xautoclaim(
+                    self.stream, self.group, self.consumer, min_idle_ms, start, count=self.count
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._recreate()
+                return claimed, deleted
+            start, entries, *rest = reply
+            claimed += len(entries)
+            if rest:
+                deleted += rest[0]
+            if start == b"0-0":
+                break
+        if claimed:
+            self.rewind()
+        return claimed, deleted
+
+    async def ack(self, ids: Sequence[bytes]) -> None:
+        if ids:
+            await self.client.xack(self.stream, self.group, *ids)

@@ -1,0 +1,82 @@
+"""Lag bookkeeping per origin: what a region has applied from where, and how late.
+
+Each region keeps one :class:`LinkStatus` per origin (itself included) in its Redis hash
+``<namespace>:status``, as JSON, so ``invalgw lag`` and the demo can read it with no gateway
+running and ``redis-cli HGETALL`` shows it to a person.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import msgspec
+
+from gateway.groups import GroupReader
+
+
+class LinkStatus(msgspec.Struct, kw_only=True):
+    """How one origin's invalidations are arriving in one region."""
+
+    origin: str
+    region: str
+    epoch: str = ""
+    last_id: str = "0-0"
+    """Origin ID of the last invalidation applied here."""
+    applied: int = 0
+    """Invalidations applied here since the gateway started."""
+    lag_p50_ms: float | None = None
+    lag_p99_ms: float | None = None
+    lag_max_ms: float | None = None
+    """Over the last status interval; None when nothing was applied in it."""
+    heartbeat_ms: int = 0
+    """Origin clock when the newest envelope (batch or heartbeat) was sent."""
+    heartbeat_age_ms: float | None = None
+    """How old that envelope was when this status was written, on the origin's clock."""
+    updated_ms: int = 0
+    """This region's Redis clock when the status was written."""
+    gaps: int = 0
+
+
+class LagWindow:
+    """Lag samples of the current interval; :meth:`take` summarises and starts a new one."""
+
+    MAX_SAMPLES = 20_000
+
+    def __init__(self) -> None:
+        self._samples: list[float] = []
+        self._seen = 0
+
+    def add(self, lag_ms: float) -> None:
+        self._seen += 1
+        if len(self._samples) < self.MAX_SAMPLES:
+            self._samples.append(lag_ms)
+        else:  # keep a uniform sample of a busy interval
+            slot = random.randrange(self._seen)
+            if slot < self.MAX_SAMPLES:
+                self._samples[slot] = lag_ms
+
+    def take(self) -> tuple[float | None, float | None, float | None]:
+        """(p50, p99, max) of the interval, then reset."""
+        samples, self._samples, self._seen = sorted(self._samples), [], 0
+        if not samples:
+            return None, None, None
+        return (
+            samples[len(samples) // 2],
+            samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
+            samples[-1],
+        )
+
+
+status_encoder = msgspec.json.Encoder()
+status_decoder = msgspec.json.Decoder(LinkStatus)
+
+
+async def ack_with_status(
+    reader: GroupReader, ids: Sequence[bytes], status_key: str, status: LinkStatus
+) -> None:
+    """Acknowledge ``ids`` and save ``status`` in one round trip, so both survive a crash."""
+    async with reader.client.pipeline(transaction=True) as pipe:
+        pipe.xack(reader.stream, reader.group, *ids)
+        pipe.hset(status_key, status.origin, status_encoder.encode(status))
+        await pipe.execute()

@@ -1,0 +1,142 @@
+"""Local ``redis-server`` processes, for the demo, the benchmark and the tests.
+
+Each server keeps nothing on disk (no RDB, no AOF) and listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from gateway.errors import RedisNotInstalled
+
+INSTALL_HINT = (
+    "redis-server was not found on PATH. Install Redis first: "
+    "Debian/Ubuntu `sudo apt-get install redis-server`, Fedora `sudo dnf install redis`, "
+    "macOS `brew install redis`; or set INVALGW_REDIS_SERVER to the binary."
+)
+
+
+def find_redis_server() -> str:
+    """Path of the redis-server binary; raises :class:`RedisNotInstalled` with install help."""
+    configured = os.environ.get("INVALGW_REDIS_SERVER")
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise RedisNotInstalled(f"INVALGW_REDIS_SERVER={configured} is not an executable file")
+        return configured
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RedisNotInstalled(INSTALL_HINT)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RedisProcess:
+    """One redis-server child process on 127.0.0.1:``port``."""
+
+    def __init__(
+        self, port: int | None = None, *, workdir: str | None = None, args: tuple[str, ...] = ()
+    ) -> None:
+        self.binary = find_redis_server()
+        self.port = port or free_port()
+        self.args = args
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"invalgw-redis-{self.port}-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def logfile(self) -> Path:
+        return self.workdir / f"redis-{self.port}.log"
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.logfile),
+            "--daemonize",
+            "no",
+            *self.args,
+        ]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        client = redis.Redis(
+            port=self.port,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    log = self.logfile.read_text() if self.logfile.exists() else ""
+                    raise RuntimeError(f"redis-server on port {self.port} exited: {log[-2000:]}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the server loses everything it held (nothing is persisted)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Prometheus metrics of one gateway. Labels are region names, never keys."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LAG_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    """Every metric the gateway exports, registered in ``registry`` (tests pass a fresh one)."""
+
+    def __init__(self, region: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.region = region
+        r = self.registry
+        self.applied = Counter(
+            "invalgw_invalidations_applied",
+            "Invalidations applied in this region, by origin region and op.",
+            ["region", "origin", "op"],
+            registry=r,
+        )
+        self.keys_removed = Counter(
+            "invalgw_keys_removed",
+            "Keys that existed and were removed from this region's cache, by origin region.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "invalgw_invalidations_forwarded",
+            "Invalidations accepted by a peer region's Redis.",
+            ["region", "peer"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "invalgw_duplicate_batches",
+            "Batches a peer already had (re-sent after a crash or a lost reply); not added again.",
+            ["region", "peer"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "invalgw_dead_letters",
+            "Entries moved to the dead-letter stream, by reason.",
+            ["region", "reason"],
+            registry=r,
+        )
+        self.groups_recreated = Counter(
+            "invalgw_consumer_groups_recreated",
+            "Consumer groups found missing (NOGROUP: Redis restarted or stream deleted) and "
+            "created again.",
+            ["region", "group"],
+            registry=r,
+        )
+        self.reclaimed = Counter(
+            "invalgw_entries_reclaimed",
+            "Pending entries of a dead consumer taken over with XAUTOCLAIM.",
+            ["region", "group"],
+            registry=r,
+        )
+        self.gaps = Counter(
+            "invalgw_gaps",
+            "Gaps recorded: invalidations from an origin that may never arrive here.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "invalgw_redis_errors",
+            "Failed calls to a Redis (after the client's own retries), by target region.",
+            ["region", "target"],
+            registry=r,
+        )
+        self.lag = Histogram(
+            "invalgw_replication_lag_seconds",
+            "From the origin's XADD to the apply in this region, on the Redis server clocks.",
+            ["origin", "region"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "invalgw_batch_size",
+            "Invalidations per batch, by stage (apply, forward, mirror).",
+            ["region", "stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "invalgw_backlog_entries",
+            "Entries of the local stream not yet delivered to a peer (or applied locally).",
+            ["region", "group"],
+            registry=r,
+        )
+        self.heartbeat_age = Gauge(
+            "invalgw_heartbeat_age_seconds",
+            "Time since the newest envelope from an origin was sent, on the origin's clock.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "invalgw_clock_offset_seconds",
+            "A peer's Redis clock minus this region's Redis clock, measured with TIME.",
+            ["region", "peer"],
+            registry=r,
+        )
+        self.link_up = Gauge(
+            "invalgw_link_up",
+            "1 while the last attempt to reach a peer's Redis succeeded, else 0.",
+            ["region", "peer"],
+            registry=r,
+        )

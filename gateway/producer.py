@@ -1,0 +1,91 @@
+"""The Python producer helper: invalidate keys with one XADD, as any service would.
+
+::
+
+    from gateway.producer import Invalidator
+
+    invalidator = Invalidator(redis_client)              # redis.asyncio.Redis
+    await invalidator.invalidate("user:1001:profile", "user:1001:permissions")
+
+    # read-your-writes: also UNLINK here, in the same round trip
+    await invalidator.invalidate("user:1001:profile", unlink_local=True)
+
+:class:`SyncInvalidator` does the same with a blocking ``redis.Redis``. Both write exactly the
+fields of the public contract (see ``proto/README.md``), so what they write is what
+``redis-cli XADD`` would write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from proto import entry_fields
+
+DEFAULT_STREAM = "invalidations"
+
+
+def _fields(keys: tuple[str, ...], traceparent: str | None, source: str | None) -> dict[str, str]:
+    return entry_fields(keys, op="unlink", traceparent=traceparent, source=source)
+
+
+def _entry_id(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+class Invalidator:
+    """Writes invalidations into a region's stream with a ``redis.asyncio.Redis`` client."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        stream: str = DEFAULT_STREAM,
+        source: str | None = None,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.source = source
+
+    async def invalidate(
+        self, *keys: str, unlink_local: bool = False, traceparent: str | None = None
+    ) -> str:
+        """Invalidate ``keys`` in every region; returns the stream entry ID.
+
+        With ``unlink_local=True`` the keys are also removed from this region's Redis in the
+        same round trip, so the caller's next read already misses.
+        """
+        fields = _fields(keys, traceparent, self.source)
+        if not unlink_local:
+            return _entry_id(await self.client.xadd(self.stream, fields))  # type: ignore[arg-type]
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.unlink(*keys)
+            pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
+            _removed, entry_id = await pipe.execute()
+        return _entry_id(entry_id)
+
+
+class SyncInvalidator:
+    """Writes invalidations into a region's stream with a blocking ``redis.Redis`` client."""
+
+    def __init__(
+        self, client: redis.Redis, *, stream: str = DEFAULT_STREAM, source: str | None = None
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.source = source
+
+    def invalidate(
+        self, *keys: str, unlink_local: bool = False, traceparent: str | None = None
+    ) -> str:
+        """See :meth:`Invalidator.invalidate`."""
+        fields = _fields(keys, traceparent, self.source)
+        if not unlink_local:
+            return _entry_id(self.client.xadd(self.stream, fields))  # type: ignore[arg-type]
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.unlink(*keys)
+            pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
+            _removed, entry_id = pipe.execute()
+        return _entry_id(entry_id)

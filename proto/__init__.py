@@ -1,0 +1,32 @@
+"""Wire format of the invalidation gateway: the producer contract and the mirror envelopes.
+
+No I/O here and no dependency on the gateway: producers and tools can import it alone.
+"""
+
+from proto.entry import (
+    CONTRACT_VERSION,
+    Invalidation,
+    InvalidEntry,
+    Limits,
+    ProducerEntry,
+    entry_fields,
+    parse_entry,
+)
+from proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
+from proto.streamid import StreamId
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "Batch",
+    "Envelope",
+    "Heartbeat",
+    "InvalidEntry",
+    "Invalidation",
+    "Limits",
+    "ProducerEntry",
+    "StreamId",
+    "decode_envelope",
+    "encode_envelope",
+    "entry_fields",
+    "parse_entry",
+]

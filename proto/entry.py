@@ -1,0 +1,209 @@
+"""The producer contract: one XADD of flat string fields into the region's stream.
+
+A service in any language invalidates keys with::
+
+    XADD invalidations * op unlink keys "user:1001:profile user:1001:perms"
+
+Every field is a string. This module turns the fields of one stream entry into an
+:class:`Invalidation`, or explains in :class:`InvalidEntry` why it cannot. Fields this version does
+not know are ignored, so producers may add fields before every gateway understands them.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+CONTRACT_VERSION = 1
+"""The contract version this package reads and writes (field ``v``)."""
+
+Op = Literal["unlink"]
+"""What an invalidation does with its keys. ``unlink``: remove them in every region at once."""
+
+OPS: tuple[str, ...] = typing.get_args(Op)
+
+
+def _doc(description: str, *examples: str) -> msgspec.Meta:
+    return msgspec.Meta(description=description, examples=list(examples) or None)
+
+
+class ProducerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """The fields of one invalidation as a producer writes them (all values are strings)."""
+
+    op: Annotated[Op, _doc("What to do with the keys. Version 1 knows `unlink`.", "unlink")]
+    keys: Annotated[
+        str,
+        _doc(
+            "The keys, separated by whitespace, or by `sep` when it is given.",
+            "user:1001:profile user:1001:permissions",
+        ),
+    ]
+    v: Annotated[
+        str, _doc("Contract version. Absent means 1; other versions are dead-lettered.", "1")
+    ] = "1"
+    sep: Annotated[
+        str | UnsetType,
+        _doc("Separator between keys, for keys that contain whitespace.", "\u001f"),
+    ] = UNSET
+    traceparent: Annotated[
+        str | UnsetType,
+        _doc(
+            "W3C trace context of the change behind this invalidation; carried to every region.",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] = UNSET
+    source: Annotated[
+        str | UnsetType,
+        _doc(
+            "Name of the producing service, kept for tracing and dead-letter diagnosis.", "orders"
+        ),
+    ] = UNSET
+
+
+class Invalidation(msgspec.Struct, frozen=True, array_like=True):
+    """One validated invalidation, as it travels between regions inside an envelope.
+
+    ``id`` is the entry's ID in its origin stream; its millisecond part is the origin's clock.
+    New fields must be appended with defaults (older gateways ignore them).
+    """
+
+    id: str
+    op: Op
+    keys: list[str]
+    traceparent: str | None = None
+    source: str | None = None
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Bounds an entry must respect; entries outside them are dead-lettered."""
+
+    max_keys: int = 1000
+    max_key_bytes: int = 1024
+    max_field_bytes: int = 65536
+
+
+class InvalidEntry(ValueError):
+    """An entry that is not a valid invalidation.
+
+    ``reason`` says why in one line, for people; ``code`` names the kind of problem in a word,
+    for metrics (``missing_field``, ``unknown_op``, ``bad_version``, ``no_keys``,
+    ``too_many_keys``, ``key_too_long``, ``empty_key``, ``not_utf8``, ``field_too_long``,
+    ``bad_field``, ``deleted``).
+    """
+
+    def __init__(self, reason: str, code: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
+    """Decode raw stream fields as UTF-8 text, naming the first field that is not."""
+    out: dict[str, str] = {}
+    for name, value in fields.items():
+        try:
+            out[name.decode()] = value.decode()
+        except UnicodeDecodeError:
+            raise InvalidEntry(f"field {name!r} is not UTF-8 text", "not_utf8") from None
+    return out
+
+
+def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
+    """Validate one stream entry; raise :class:`InvalidEntry` with the reason if it is not valid."""
+    if not fields:
+        raise InvalidEntry("entry has no fields (it was deleted or trimmed)", "deleted")
+    for name, value in fields.items():
+        if len(value) > limits.max_field_bytes:
+            raise InvalidEntry(
+                f"field {name.decode(errors='replace')!r} is {len(value)} bytes, "
+                f"over the limit of {limits.max_field_bytes}",
+                "field_too_long",
+            )
+    text = decode_fields(fields)
+    try:
+        entry = msgspec.convert(text, ProducerEntry)
+    except msgspec.ValidationError as exc:
+        raise InvalidEntry(*_field_error(exc)) from None
+    if entry.v != str(CONTRACT_VERSION):
+        raise InvalidEntry(
+            f"unsupported contract version v={entry.v!r}; this gateway reads v={CONTRACT_VERSION}",
+            "bad_version",
+        )
+    keys = _split_keys(entry.keys, entry.sep or None)
+    if not keys:
+        raise InvalidEntry("no keys: field 'keys' is empty", "no_keys")
+    if len(keys) > limits.max_keys:
+        raise InvalidEntry(
+            f"{len(keys)} keys, over the limit of {limits.max_keys} per entry", "too_many_keys"
+        )
+    for key in keys:
+        if not key:
+            raise InvalidEntry(
+                "empty key: 'keys' has two separators in a row or at an end", "empty_key"
+            )
+        if len(key) > limits.max_key_bytes and len(key.encode()) > limits.max_key_bytes:
+            raise InvalidEntry(
+                f"key {key[:40]!r}... is {len(key.encode())} bytes, "
+                f"over the limit of {limits.max_key_bytes}",
+                "key_too_long",
+            )
+    return Invalidation(entry_id, entry.op, keys, entry.traceparent or None, entry.source or None)
+
+
+def _split_keys(keys: str, sep: str | None) -> list[str]:
+    if sep is None:
+        return keys.split()
+    return keys.split(sep)
+
+
+def _field_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    message = str(exc)
+    if message.startswith("Object missing required field"):
+        return f"missing field {message.split('`')[1]!r}", "missing_field"
+    if message.endswith("at `$.op`"):
+        op = message.split(chr(39))[1]
+        return f"unknown op {op!r}; known ops: {', '.join(OPS)}", "unknown_op"
+    return message.replace("`$.", "field `"), "bad_field"
+
+
+def entry_fields(
+    keys: list[str] | tuple[str, ...],
+    *,
+    op: Op = "unlink",
+    traceparent: str | None = None,
+    source: str | None = None,
+) -> dict[str, str]:
+    """The XADD fields for an invalidation of ``keys``; picks a separator none of the keys holds."""
+    if not keys:
+        raise ValueError("an invalidation needs at least one key")
+    fields = {"v": str(CONTRACT_VERSION), "op": op}
+    if any(not key or _has_whitespace(key) for key in keys):
+        if any(not key for key in keys):
+            raise ValueError("keys must not be empty")
+        sep = _free_separator(keys)
+        fields["sep"] = sep
+        fields["keys"] = sep.join(keys)
+    else:
+        fields["keys"] = " ".join(keys)
+    if traceparent:
+        fields["traceparent"] = traceparent
+    if source:
+        fields["source"] = source
+    return fields
+
+
+def _has_whitespace(key: str) -> bool:
+    return key.split() != [key]
+
+
+def _free_separator(keys: list[str] | tuple[str, ...]) -> str:
+    for sep in ("\x1f", "\x1e", "\x00", "\n"):
+        if not any(sep in key for key in keys):
+            return sep
+    sep = "\x1f\x1f"
+    while any(sep in key for key in keys):
+        sep += "\x1f"
+    return sep

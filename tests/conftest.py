@@ -1,0 +1,197 @@
+"""Fixtures: real Redis servers (one per region), region configs, gateways in-process."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio
+
+from gateway.config import RegionConfig, parse_config
+from gateway.metrics import Metrics
+from gateway.service import Gateway
+from tests.servers import RedisServer, redis_servers
+
+REGIONS = ("us-east", "eu-west", "ap-south")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def session_servers() -> Iterator[list[RedisServer]]:
+    """Three servers shared by tests that do not stop or restart them (keys are unique per test)."""
+    with redis_servers(len(REGIONS)) as servers:
+        yield servers
+
+
+@pytest.fixture
+def own_servers() -> Iterator[list[RedisServer]]:
+    """Three servers of this test's own, for tests that kill or restart a region's Redis."""
+    with redis_servers(len(REGIONS)) as servers:
+        yield servers
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace unique to the test, so tests sharing servers never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def make_configs(
+    urls: dict[str, str], namespace: str, **overrides: dict[str, Any]
+) -> dict[str, RegionConfig]:
+    """Configs for a full mesh of regions; ``overrides`` are merged per section, e.g.
+    ``gateway={"batch_size": 50}`` or ``peer_urls={"eu-west": {"us-east": "redis://…"}}``."""
+    peer_urls: dict[str, dict[str, str]] = overrides.pop("peer_urls", {})
+    configs = {}
+    for region, url in urls.items():
+        raw: dict[str, Any] = {
+            "region": region,
+            "redis": {"url": url, "socket_timeout_ms": 2000, "connect_timeout_ms": 500},
+            "peers": [
+                {
+                    "name": peer,
+                    "url": peer_urls.get(region, {}).get(peer, peer_url),
+                    "socket_timeout_ms": 1000,
+                    "connect_timeout_ms": 300,
+                    "retries": 0,
+                }
+                for peer, peer_url in urls.items()
+                if peer != region
+            ],
+            "streams": {"namespace": namespace, "local": f"{namespace}:inval"},
+            "gateway": {
+                "consumer": "test",
+                "block_ms": 200,
+                "heartbeat_interval_ms": 200,
+                "retry_backoff_cap_ms": 200,
+                "drain_timeout_ms": 5000,
+            },
+        }
+        for section, values in overrides.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        configs[region] = parse_config(raw, f"<{region}>")
+    return configs
+
+
+@pytest.fixture
+def configs(session_servers: list[RedisServer], namespace: str) -> dict[str, RegionConfig]:
+    return make_configs(
+        {region: server.url for region, server in zip(REGIONS, session_servers, strict=True)},
+        namespace,
+    )
+
+
+@asynccontextmanager
+async def running(
+    configs: dict[str, RegionConfig], *only: str
+) -> AsyncIterator[dict[str, Gateway]]:
+    """Run the regions' gateways in this process until the block ends (then drain them)."""
+    gateways = {
+        name: Gateway(config, metrics=Metrics(name))
+        for name, config in configs.items()
+        if not only or name in only
+    }
+    async with anyio.create_task_group() as tg:
+        for gateway in gateways.values():
+            await tg.start(gateway.run)
+        try:
+            yield gateways
+        finally:
+            for gateway in gateways.values():
+                gateway.request_drain()
+
+
+@asynccontextmanager
+async def clients(
+    configs: dict[str, RegionConfig],
+) -> AsyncIterator[dict[str, redis.asyncio.Redis]]:
+    """Plain test clients, one per region's Redis."""
+    made = {
+        name: redis.asyncio.Redis.from_url(
+            config.redis.url, socket_timeout=5, socket_connect_timeout=2
+        )
+        for name, config in configs.items()
+    }
+    try:
+        yield made
+    finally:
+        for client in made.values():
+            await client.aclose()
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    seconds: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``seconds``."""
+    try:
+        with anyio.fail_after(seconds):
+            while not await condition():  # noqa: ASYNC110 - polling Redis, there is no event
+                await anyio.sleep(interval)
+    except TimeoutError:
+        pytest.fail(f"timed out after {seconds}s waiting for {what}")
+
+
+def write_config(path: Path, config: RegionConfig) -> Path:
+    """Write ``config`` as a TOML region file (for tests that run the gateway as a process)."""
+    import msgspec
+
+    raw = msgspec.to_builtins(config)
+    path.write_text(_toml(raw))
+    return path
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in raw.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{key} = {_value(value)}")
+    for key, table in tables:
+        lines.append(f"\n[{key}]")
+        lines += [f"{k} = {_value(v)}" for k, v in table.items() if v is not None]
+    for key, items in arrays:
+        for item in items:
+            lines.append(f"\n[[{key}]]")
+            lines += [f"{k} = {_value(v)}" for k, v in item.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+async def wait_gone(
+    client: redis.asyncio.Redis, keys: list[str], *, region: str, seconds: float = 10.0
+) -> None:
+    """Wait until none of ``keys`` exists in ``client``'s Redis."""
+
+    async def gone() -> bool:
+        return int(await client.exists(*keys)) == 0
+
+    await wait_until(gone, seconds=seconds, what=f"{len(keys)} keys to be gone in {region}")
