@@ -1,0 +1,51 @@
+"""A local Redis Cluster for the tests: three primaries, no replicas, on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+
+import redis
+
+from gateway.localredis import RedisProcess
+
+
+@contextlib.contextmanager
+def redis_cluster(primaries: int = 3) -> Iterator[list[RedisProcess]]:
+    """Start ``primaries`` cluster-enabled servers, join them, wait until the cluster is ok."""
+    nodes: list[RedisProcess] = []
+    try:
+        for _ in range(primaries):
+            node = RedisProcess(
+                args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            )
+            node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
+            nodes.append(node.start())
+        subprocess.run(
+            [
+                "redis-cli", "--cluster", "create",
+                *(f"127.0.0.1:{node.port}" for node in nodes),
+                "--cluster-replicas", "0", "--cluster-yes",
+            ],
+            check=True, capture_output=True, timeout=30,
+        )
+        _wait_ok(nodes)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
+def _wait_ok(nodes: list[RedisProcess], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for node in nodes:
+        client = redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster node {node.port} not ok after {timeout_s}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
