@@ -610,6 +610,28 @@ def test_publish_unlink_local_removes_the_keys_here_at_once(
     assert capsys.readouterr().out.strip().count("-") == 1
 
 
+def test_publish_unlink_local_uses_the_region_cache_when_it_is_separate(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    region_configs: dict[str, RegionConfig],
+    session_servers: list[RedisServer],
+) -> None:
+    """With a ``[cache]`` section the keys live there, not in the stream's Redis."""
+    config = region_configs["us-east"]
+    cache_url = session_servers[2].url
+    path = write_config(tmp_path / "us-east.toml", config)
+    path.write_text(path.read_text() + f'\n[cache]\nurl = "{cache_url}"\n')
+    key = f"{config.streams.namespace}:user:1001:profile"
+    cache = connect_sync(RedisEndpoint(url=cache_url), name="test")
+    try:
+        cache.set(key, "cached")
+        assert main(["publish", "--config", str(path), "--unlink-local", key]) == 0
+        assert cache.exists(key) == 0
+    finally:
+        cache.close()
+    capsys.readouterr()
+
+
 def test_publish_to_an_unreachable_redis_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
