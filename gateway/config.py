@@ -12,9 +12,10 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import msgspec
+import redis.connection
 
 from gateway.errors import ConfigError
 from proto import Limits
@@ -23,6 +24,18 @@ RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
 """Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SCHEMES = ("redis", "rediss", "unix")
+_OVERRIDES = {
+    "socket_timeout": "socket_timeout_ms",
+    "timeout": "socket_timeout_ms",
+    "socket_connect_timeout": "connect_timeout_ms",
+    "retry_on_timeout": "retries",
+    "retry_on_error": "retries",
+    "decode_responses": None,
+    "protocol": None,
+    "client_name": None,
+}
+"""URL query parameters that would override how the gateway sets up its clients (redis-py lets
+the URL win over explicit arguments), and the field to use instead."""
 
 
 class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +55,18 @@ class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(
                 f"url: {redact(self.url)!r} must start with redis://, rediss:// or unix://"
             )
+        for name in parse_qs(urlsplit(self.url).query):
+            if name in _OVERRIDES:
+                instead = _OVERRIDES[name]
+                hint = f"set {instead} instead" if instead else "remove it"
+                raise ValueError(
+                    f"url: query parameter {name!r} would override the gateway's own setting; "
+                    + hint
+                )
+        try:
+            redis.connection.parse_url(self.url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
         for name in (
             "socket_timeout_ms",
             "connect_timeout_ms",

@@ -258,6 +258,23 @@ MISTAKES = [
         id="bad-peer-url-scheme",
     ),
     pytest.param(
+        'region = "us-east"\n[redis]\nurl = "redis://h:6379/0?socket_timeout=30"\n',
+        "redis.url: query parameter 'socket_timeout' would override the gateway's own setting; "
+        "set socket_timeout_ms instead",
+        id="timeout-in-url",
+    ),
+    pytest.param(
+        MINIMAL + '[[peers]]\nname = "eu-west"\nurl = "rediss://h?decode_responses=yes"\n',
+        "peers[0].url: query parameter 'decode_responses' would override the gateway's own "
+        "setting; remove it",
+        id="client-option-in-url",
+    ),
+    pytest.param(
+        'region = "us-east"\n[redis]\nurl = "redis://h:6379?db=zero"\n',
+        "redis.url: Invalid value for 'db' in connection URL.",
+        id="bad-url-query-value",
+    ),
+    pytest.param(
         'region = "US East"\n[redis]\nurl = "redis://h"\n',
         "region: must be lower-case letters, digits, '.', '_' or '-' (at most 63)",
         id="bad-region-name",
@@ -451,6 +468,7 @@ def test_url_forms_make_the_right_clients() -> None:
         ("redis://gateway:pw@h:6379/3", redis.asyncio.connection.Connection),
         ("rediss://h:6380/0", redis.asyncio.connection.SSLConnection),
         ("unix:///run/redis.sock?db=1", redis.asyncio.connection.UnixDomainSocketConnection),
+        ("rediss://h:6380/0?ssl_ca_certs=/etc/ssl/ca.pem", redis.asyncio.connection.SSLConnection),
     ]:
         endpoint = RedisEndpoint(url=url, socket_timeout_ms=1500, connect_timeout_ms=700)
         client = connect(endpoint, name="t")
