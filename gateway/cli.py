@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from gateway.config import RegionConfig, load_config, redact
+from gateway.config import RedisEndpoint, RegionConfig, load_config, redact
 from gateway.connections import connect, connect_sync, probe
 from gateway.errors import ConfigError, GatewayError, RedisUnreachable
 
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--unlink-local",
         action="store_true",
-        help="also UNLINK the keys in this region in the same round trip (read-your-writes)",
+        help="also UNLINK the keys in this region's cache before returning (read-your-writes)",
     )
     publish.add_argument("--source", help="name of the producing service, kept for tracing")
     publish.add_argument("keys", nargs="+", metavar="KEY")
@@ -96,10 +96,7 @@ async def _reach_all(config: RegionConfig) -> int:
     targets += [(f"peer {peer.name}", peer) for peer in config.peers]
     results: dict[str, str] = {}
 
-    async def reach(label: str, endpoint: object) -> None:
-        from gateway.config import RedisEndpoint
-
-        assert isinstance(endpoint, RedisEndpoint)
+    async def reach(label: str, endpoint: RedisEndpoint) -> None:
         client = connect(endpoint, name=f"invalgw:{config.region}:check")
         try:
             version = await probe(client, label=label, url=endpoint.url)
@@ -130,13 +127,27 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from gateway.producer import SyncInvalidator
 
     config = load_config(args.config)
+    if args.unlink_local and config.cache is not None:
+        _unlink(config.cache, args.keys, name=f"invalgw:{config.region}:publish")
     client = connect_sync(config.redis, name=f"invalgw:{config.region}:publish")
     try:
         invalidator = SyncInvalidator(client, stream=config.streams.local, source=args.source)
-        entry_id = invalidator.invalidate(*args.keys, unlink_local=args.unlink_local)
+        unlink_here = args.unlink_local and config.cache is None
+        entry_id = invalidator.invalidate(*args.keys, unlink_local=unlink_here)
     except Exception as exc:
         raise RedisUnreachable(f"{config.region}: {redact(config.redis.url)}: {exc}") from None
     finally:
         client.close()
     print(entry_id)
     return EXIT_OK
+
+
+def _unlink(endpoint: RedisEndpoint, keys: list[str], *, name: str) -> None:
+    """UNLINK ``keys`` in a region cache that is not the stream's Redis (``[cache]``)."""
+    client = connect_sync(endpoint, name=name)
+    try:
+        client.unlink(*keys)
+    except Exception as exc:
+        raise RedisUnreachable(f"cache: {redact(endpoint.url)}: {exc}") from None
+    finally:
+        client.close()

@@ -12,9 +12,10 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import msgspec
+import redis.connection
 
 from gateway.errors import ConfigError
 from proto import Limits
@@ -23,6 +24,18 @@ RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
 """Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SCHEMES = ("redis", "rediss", "unix")
+_OVERRIDES = {
+    "socket_timeout": "socket_timeout_ms",
+    "timeout": "socket_timeout_ms",
+    "socket_connect_timeout": "connect_timeout_ms",
+    "retry_on_timeout": "retries",
+    "retry_on_error": "retries",
+    "decode_responses": None,
+    "protocol": None,
+    "client_name": None,
+}
+"""URL query parameters that would override how the gateway sets up its clients (redis-py lets
+the URL win over explicit arguments), and the field to use instead."""
 
 
 class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +55,18 @@ class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(
                 f"url: {redact(self.url)!r} must start with redis://, rediss:// or unix://"
             )
+        for name in parse_qs(urlsplit(self.url).query):
+            if name in _OVERRIDES:
+                instead = _OVERRIDES[name]
+                hint = f"set {instead} instead" if instead else "remove it"
+                raise ValueError(
+                    f"url: query parameter {name!r} would override the gateway's own setting; "
+                    + hint
+                )
+        try:
+            redis.connection.parse_url(self.url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
         for name in (
             "socket_timeout_ms",
             "connect_timeout_ms",
@@ -145,12 +170,17 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     metrics: Metrics = Metrics()
 
     def __post_init__(self) -> None:
-        names = [peer.name for peer in self.peers]
-        if self.region in names:
-            raise ValueError(f"peers: region {self.region!r} lists itself as a peer")
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"peers: {', '.join(duplicates)} listed more than once")
+        seen: dict[str, int] = {}
+        for i, peer in enumerate(self.peers):
+            if peer.name == self.region:
+                raise ValueError(
+                    f"peers[{i}].name: {peer.name!r} is this region; a region is not its own peer"
+                )
+            if peer.name in seen:
+                raise ValueError(
+                    f"peers[{i}].name: {peer.name!r} is already listed as peers[{seen[peer.name]}]"
+                )
+            seen[peer.name] = i
         if self.gateway.block_ms >= self.redis.socket_timeout_ms:
             raise ValueError(
                 f"gateway.block_ms: {self.gateway.block_ms} must be below "
@@ -174,8 +204,13 @@ def load_config(path: str | os.PathLike[str]) -> RegionConfig:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(name, ["file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(name, [f"cannot read: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError(name, [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            name,
+            [f"cannot read: not UTF-8 text (byte {exc.object[exc.start]:#04x} at {exc.start})"],
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
     return parse_config(raw, name)
@@ -187,12 +222,12 @@ def parse_config(raw: dict[str, Any], name: str = "<config>") -> RegionConfig:
     raw = _expand_env(raw, "", problems)
     if not problems:
         problems = _problems(raw, RegionConfig, "")
-    if not problems:
-        try:
-            return msgspec.convert(raw, RegionConfig)
-        except msgspec.ValidationError as exc:
-            problems = [_describe(exc, "")]
-    raise ConfigError(name, problems)
+    if problems:
+        raise ConfigError(name, problems)
+    try:
+        return msgspec.convert(raw, RegionConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(name, [_describe(exc, "")]) from None
 
 
 def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
@@ -214,7 +249,8 @@ def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
 
 
 def _problems(value: Any, struct: type[msgspec.Struct], path: str) -> list[str]:
-    """Every problem in ``value`` as ``struct``: unknown, missing and mistyped fields."""
+    """Every problem in ``value`` as ``struct``: unknown, missing and mistyped fields first; then,
+    if there are none, the struct's own cross-field checks (its ``__post_init__``)."""
     if not isinstance(value, dict):
         return [f"{path or 'file'}: expected a table, got {_kind(value)}"]
     problems: list[str] = []
@@ -224,27 +260,33 @@ def _problems(value: Any, struct: type[msgspec.Struct], path: str) -> list[str]:
             known = ", ".join(sorted(fields))
             problems.append(f"{_join(path, key)}: unknown field (known fields: {known})")
     for key, field in fields.items():
-        where = _join(path, key)
-        if key not in value:
-            if field.required:
-                problems.append(f"{where}: required field is missing")
-            continue
-        nested = _struct_of(field.type)
-        inner: list[str] = []
-        if nested is not None and _is_list(field.type):
-            if isinstance(value[key], list):
-                for i, item in enumerate(value[key]):
-                    inner += _problems(item, nested, f"{where}[{i}]")
-        elif nested is not None and isinstance(value[key], dict):
-            inner = _problems(value[key], nested, where)
-        if inner:
-            problems += inner
-            continue
+        if key in value:
+            problems += _field_problems(value[key], field.type, _join(path, key))
+        elif field.required:
+            problems.append(f"{_join(path, key)}: required field is missing")
+    if not problems:
         try:
-            msgspec.convert(value[key], field.type)
+            msgspec.convert(value, struct)
         except msgspec.ValidationError as exc:
-            problems.append(_describe(exc, where))
+            problems.append(_describe(exc, path))
     return problems
+
+
+def _field_problems(value: Any, annotation: Any, where: str) -> list[str]:
+    nested = _struct_of(annotation)
+    if nested is not None and _is_list(annotation) and isinstance(value, list):
+        return [
+            problem
+            for i, item in enumerate(value)
+            for problem in _problems(item, nested, f"{where}[{i}]")
+        ]
+    if nested is not None and isinstance(value, dict):
+        return _problems(value, nested, where)
+    try:
+        msgspec.convert(value, annotation)
+    except msgspec.ValidationError as exc:
+        return [_describe(exc, where)]
+    return []
 
 
 def _struct_of(annotation: Any) -> type[msgspec.Struct] | None:
@@ -258,12 +300,24 @@ def _is_list(annotation: Any) -> bool:
     return getattr(annotation, "__origin__", None) is list
 
 
-_PLAIN = {
-    "Expected `int`, got `str`": "expected an integer, got a string",
-    "Expected `str`, got `int`": "expected a string, got an integer",
-    "Expected `object`, got `str`": "expected a table, got a string",
-    "Expected `array`, got `object`": "expected an array of tables ([[...]]), got a table",
+_TOML_KINDS = {
+    "int": "an integer",
+    "float": "a number with a fraction",
+    "str": "a string",
+    "bool": "a boolean",
+    "object": "a table",
+    "array": "an array",
+    "null": "nothing",
 }
+_EXPECTED = re.compile(r"Expected `([^`]+)`, got `([^`]+)`")
+
+
+def _plain_types(match: re.Match[str]) -> str:
+    expected, got = match.group(1), match.group(2)
+    if expected == "array" and got == "object":
+        return "expected an array of tables ([[...]]), got a table"
+    expected = " or ".join(_TOML_KINDS.get(kind, kind) for kind in expected.split(" | "))
+    return f"expected {expected}, got {_TOML_KINDS.get(got, got)}"
 
 
 def _describe(exc: msgspec.ValidationError, path: str) -> str:
@@ -272,8 +326,7 @@ def _describe(exc: msgspec.ValidationError, path: str) -> str:
     if " - at `$" in message:
         message, _, rest = message.rpartition(" - at `$")
         where = (path + rest.rstrip("`")).lstrip(".")
-    for technical, plain in _PLAIN.items():
-        message = message.replace(technical, plain)
+    message = _EXPECTED.sub(_plain_types, message)
     if message.startswith("Expected `str` matching regex"):
         message = "must be lower-case letters, digits, '.', '_' or '-' (at most 63)"
     field, sep, problem = message.partition(": ")

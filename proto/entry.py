@@ -11,6 +11,7 @@ not know are ignored, so producers may add fields before every gateway understan
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Literal
 
@@ -25,6 +26,12 @@ Op = Literal["unlink"]
 
 OPS: tuple[str, ...] = typing.get_args(Op)
 
+WHITESPACE = " \t\n\r\f\v"
+"""What separates keys when an entry has no ``sep``: ASCII whitespace only, as in most languages'
+"split on whitespace". Other characters (``\\x1f``, a no-break space, an ideographic space) are
+part of a key."""
+_WHITESPACE_RUN = re.compile(r"[ \t\n\r\f\v]+")
+
 
 def _doc(description: str, *examples: str) -> msgspec.Meta:
     return msgspec.Meta(description=description, examples=list(examples) or None)
@@ -37,7 +44,8 @@ class ProducerEntry(msgspec.Struct, frozen=True, kw_only=True):
     keys: Annotated[
         str,
         _doc(
-            "The keys, separated by whitespace, or by `sep` when it is given.",
+            "The keys, separated by ASCII whitespace (space, tab, CR, LF, FF, VT), "
+            "or by `sep` when it is given.",
             "user:1001:profile user:1001:permissions",
         ),
     ]
@@ -46,7 +54,10 @@ class ProducerEntry(msgspec.Struct, frozen=True, kw_only=True):
     ] = "1"
     sep: Annotated[
         str | UnsetType,
-        _doc("Separator between keys, for keys that contain whitespace.", "\u001f"),
+        _doc(
+            "Separator between keys, for keys that contain whitespace. Empty means absent.",
+            "\u001f",
+        ),
     ] = UNSET
     traceparent: Annotated[
         str | UnsetType,
@@ -84,6 +95,11 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_key_bytes: int = 1024
     max_field_bytes: int = 65536
 
+    def __post_init__(self) -> None:
+        for name in ("max_keys", "max_key_bytes", "max_field_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
+
 
 class InvalidEntry(ValueError):
     """An entry that is not a valid invalidation.
@@ -107,7 +123,8 @@ def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
         try:
             out[name.decode()] = value.decode()
         except UnicodeDecodeError:
-            raise InvalidEntry(f"field {name!r} is not UTF-8 text", "not_utf8") from None
+            shown = name.decode(errors="backslashreplace")
+            raise InvalidEntry(f"field '{shown}' is not UTF-8 text", "not_utf8") from None
     return out
 
 
@@ -133,7 +150,7 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
             "bad_version",
         )
     keys = _split_keys(entry.keys, entry.sep or None)
-    if not keys:
+    if not keys or keys == [""]:
         raise InvalidEntry("no keys: field 'keys' is empty", "no_keys")
     if len(keys) > limits.max_keys:
         raise InvalidEntry(
@@ -144,7 +161,7 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
             raise InvalidEntry(
                 "empty key: 'keys' has two separators in a row or at an end", "empty_key"
             )
-        if len(key) > limits.max_key_bytes and len(key.encode()) > limits.max_key_bytes:
+        if len(key) > limits.max_key_bytes or len(key.encode()) > limits.max_key_bytes:
             raise InvalidEntry(
                 f"key {key[:40]!r}... is {len(key.encode())} bytes, "
                 f"over the limit of {limits.max_key_bytes}",
@@ -154,9 +171,10 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
 
 
 def _split_keys(keys: str, sep: str | None) -> list[str]:
-    if sep is None:
-        return keys.split()
-    return keys.split(sep)
+    if sep is not None:
+        return keys.split(sep)
+    keys = keys.strip(WHITESPACE)
+    return _WHITESPACE_RUN.split(keys) if keys else []
 
 
 def _field_error(exc: msgspec.ValidationError) -> tuple[str, str]:
@@ -179,10 +197,10 @@ def entry_fields(
     """The XADD fields for an invalidation of ``keys``; picks a separator none of the keys holds."""
     if not keys:
         raise ValueError("an invalidation needs at least one key")
+    if any(not key for key in keys):
+        raise ValueError("keys must not be empty")
     fields = {"v": str(CONTRACT_VERSION), "op": op}
-    if any(not key or _has_whitespace(key) for key in keys):
-        if any(not key for key in keys):
-            raise ValueError("keys must not be empty")
+    if any(_WHITESPACE_RUN.search(key) for key in keys):
         sep = _free_separator(keys)
         fields["sep"] = sep
         fields["keys"] = sep.join(keys)
@@ -195,15 +213,13 @@ def entry_fields(
     return fields
 
 
-def _has_whitespace(key: str) -> bool:
-    return key.split() != [key]
-
-
 def _free_separator(keys: list[str] | tuple[str, ...]) -> str:
-    for sep in ("\x1f", "\x1e", "\x00", "\n"):
-        if not any(sep in key for key in keys):
+    """One character that occurs in none of the keys (one character, so splitting is exact)."""
+    used = {char for key in keys for char in key}
+    for sep in ("\x1f", "\x1e", "\x1d", "\x1c"):
+        if sep not in used:
             return sep
-    sep = "\x1f\x1f"
-    while any(sep in key for key in keys):
-        sep += "\x1f"
-    return sep
+    code = 0xE000  # the Private Use Area: code points no standard assigns
+    while chr(code) in used:
+        code += 1
+    return chr(code)

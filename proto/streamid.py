@@ -19,7 +19,7 @@ class StreamId(NamedTuple):
         if isinstance(text, bytes):
             text = text.decode("ascii")
         ms, sep, seq = text.partition("-")
-        if not sep or not ms.isdigit() or not seq.isdigit():
+        if not sep or not _digits(ms) or not _digits(seq):
             raise ValueError(f"not a stream ID: {text!r}")
         return cls(int(ms), int(seq))
 
@@ -28,3 +28,7 @@ class StreamId(NamedTuple):
 
 
 ZERO = StreamId(0, 0)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
