@@ -89,6 +89,24 @@ class Metrics:
             ["region", "target"],
             registry=r,
         )
+        self.pattern_keys = Counter(
+            "invalgw_pattern_keys",
+            "Keys matched and invalidated by pattern invalidations, by origin region.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.pattern_invalidations = Counter(
+            "invalgw_pattern_invalidations",
+            "Pattern invalidations whose walk of the cache completed, by origin region.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.pattern_in_progress = Gauge(
+            "invalgw_pattern_invalidations_in_progress",
+            "Pattern invalidations queued or walking the cache.",
+            ["region"],
+            registry=r,
+        )
         self.lag = Histogram(
             "invalgw_replication_lag_seconds",
             "From the origin's XADD to the apply in this region, on the Redis server clocks.",

@@ -4,6 +4,10 @@ A service in any language invalidates keys with::
 
     XADD invalidations * op unlink keys "user:1001:profile user:1001:perms"
 
+or every key of a group or namespace with ``pattern`` instead of ``keys``::
+
+    XADD invalidations * op unlink pattern "{user:1001}:*"
+
 Every field is a string. This module turns the fields of one stream entry into an
 :class:`Invalidation`, or explains in :class:`InvalidEntry` why it cannot. Fields this version does
 not know are ignored, so producers may add fields before every gateway understands them.
@@ -21,8 +25,11 @@ from msgspec import UNSET, UnsetType
 CONTRACT_VERSION = 1
 """The contract version this package reads and writes (field ``v``)."""
 
-Op = Literal["unlink"]
-"""What an invalidation does with its keys. ``unlink``: remove them in every region at once."""
+Op = Literal["unlink", "expire", "hybrid", "invalidate"]
+"""What an invalidation asks for. ``unlink``: remove at once in every region. ``expire``: a soft
+invalidation, a short staggered TTL in every region. ``hybrid``: unlink in the writer's region,
+expire elsewhere. ``invalidate``: each region's policy rules decide, key by key. A region's policy
+may refuse a softer mode than its rule for a key; a stricter one is always honoured."""
 
 OPS: tuple[str, ...] = typing.get_args(Op)
 
@@ -40,15 +47,38 @@ def _doc(description: str, *examples: str) -> msgspec.Meta:
 class ProducerEntry(msgspec.Struct, frozen=True, kw_only=True):
     """The fields of one invalidation as a producer writes them (all values are strings)."""
 
-    op: Annotated[Op, _doc("What to do with the keys. Version 1 knows `unlink`.", "unlink")]
-    keys: Annotated[
-        str,
+    op: Annotated[
+        Op,
         _doc(
-            "The keys, separated by ASCII whitespace (space, tab, CR, LF, FF, VT), "
-            "or by `sep` when it is given.",
-            "user:1001:profile user:1001:permissions",
+            "unlink (at once everywhere), expire (soft, staggered TTL everywhere), hybrid (unlink "
+            "in the writer's region, expire elsewhere) or invalidate (the policy decides).",
+            "unlink",
         ),
     ]
+    keys: Annotated[
+        str | UnsetType,
+        _doc(
+            "The keys, separated by ASCII whitespace (space, tab, CR, LF, FF, VT), "
+            "or by `sep` when it is given. Exactly one of `keys` and `pattern` is required.",
+            "user:1001:profile user:1001:permissions",
+        ),
+    ] = UNSET
+    pattern: Annotated[
+        str | UnsetType,
+        _doc(
+            "A glob (SCAN MATCH syntax) selecting the keys to invalidate: a hash-tag group or a "
+            "namespace. Needs a literal prefix before the first wildcard.",
+            "{user:1001}:*",
+        ),
+    ] = UNSET
+    version: Annotated[
+        str | UnsetType,
+        _doc(
+            "Version of the change (a non-negative integer that grows with each change of the "
+            "source). Leaves a tombstone that makes the fill helper refuse older values.",
+            "1042",
+        ),
+    ] = UNSET
     v: Annotated[
         str, _doc("Contract version. Absent means 1; other versions are dead-lettered.", "1")
     ] = "1"
@@ -84,8 +114,11 @@ class Invalidation(msgspec.Struct, frozen=True, array_like=True):
     id: str
     op: Op
     keys: list[str]
+    """Empty for a pattern invalidation."""
     traceparent: str | None = None
     source: str | None = None
+    pattern: str | None = None
+    version: str | None = None
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,11 +127,16 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_keys: int = 1000
     max_key_bytes: int = 1024
     max_field_bytes: int = 65536
+    min_pattern_prefix: int = 3
+    """Characters a pattern must fix before its first wildcard, so that one event cannot wipe a
+    whole cache (``*``) by mistake."""
 
     def __post_init__(self) -> None:
         for name in ("max_keys", "max_key_bytes", "max_field_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive")
+        if self.min_pattern_prefix < 0:
+            raise ValueError("min_pattern_prefix: must be 0 or more")
 
 
 class InvalidEntry(ValueError):
@@ -107,7 +145,8 @@ class InvalidEntry(ValueError):
     ``reason`` says why in one line, for people; ``code`` names the kind of problem in a word,
     for metrics (``missing_field``, ``unknown_op``, ``bad_version``, ``no_keys``,
     ``too_many_keys``, ``key_too_long``, ``empty_key``, ``not_utf8``, ``field_too_long``,
-    ``bad_field``, ``deleted``).
+    ``keys_and_pattern``, ``pattern_too_broad``, ``bad_fence_version``, ``bad_field``,
+    ``deleted``).
     """
 
     def __init__(self, reason: str, code: str) -> None:
@@ -149,6 +188,21 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
             f"unsupported contract version v={entry.v!r}; this gateway reads v={CONTRACT_VERSION}",
             "bad_version",
         )
+    version = _fence_version(entry.version) if entry.version else None
+    if entry.pattern:
+        if entry.keys:
+            raise InvalidEntry("give either 'keys' or 'pattern', not both", "keys_and_pattern")
+        return Invalidation(
+            entry_id,
+            entry.op,
+            [],
+            entry.traceparent or None,
+            entry.source or None,
+            _checked_pattern(entry.pattern, limits),
+            version,
+        )
+    if not entry.keys:
+        raise InvalidEntry("no keys: field 'keys' (or 'pattern') is missing or empty", "no_keys")
     keys = _split_keys(entry.keys, entry.sep or None)
     if not keys or keys == [""]:
         raise InvalidEntry("no keys: field 'keys' is empty", "no_keys")
@@ -167,7 +221,38 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
                 f"over the limit of {limits.max_key_bytes}",
                 "key_too_long",
             )
-    return Invalidation(entry_id, entry.op, keys, entry.traceparent or None, entry.source or None)
+    return Invalidation(
+        entry_id, entry.op, keys, entry.traceparent or None, entry.source or None, None, version
+    )
+
+
+def _checked_pattern(pattern: str, limits: Limits) -> str:
+    if len(pattern.encode()) > limits.max_key_bytes:
+        raise InvalidEntry(
+            f"pattern is {len(pattern.encode())} bytes, over the limit of {limits.max_key_bytes}",
+            "key_too_long",
+        )
+    prefix = len(pattern)
+    for i, char in enumerate(pattern):
+        if char in "*?[\\":
+            prefix = i
+            break
+    if prefix < limits.min_pattern_prefix:
+        raise InvalidEntry(
+            f"pattern {pattern[:40]!r} fixes {prefix} characters before its first wildcard; "
+            f"at least {limits.min_pattern_prefix} are required (limits.min_pattern_prefix)",
+            "pattern_too_broad",
+        )
+    return pattern
+
+
+def _fence_version(text: str) -> str:
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+        raise InvalidEntry(
+            f"version {text[:40]!r} must be a non-negative integer without leading zeros",
+            "bad_fence_version",
+        )
+    return text
 
 
 def _split_keys(keys: str, sep: str | None) -> list[str]:
@@ -188,19 +273,26 @@ def _field_error(exc: msgspec.ValidationError) -> tuple[str, str]:
 
 
 def entry_fields(
-    keys: list[str] | tuple[str, ...],
+    keys: list[str] | tuple[str, ...] = (),
     *,
     op: Op = "unlink",
+    pattern: str | None = None,
+    version: int | str | None = None,
     traceparent: str | None = None,
     source: str | None = None,
 ) -> dict[str, str]:
-    """The XADD fields for an invalidation of ``keys``; picks a separator none of the keys holds."""
-    if not keys:
-        raise ValueError("an invalidation needs at least one key")
+    """The XADD fields for an invalidation of ``keys`` (or of every key matching ``pattern``);
+    picks a separator none of the keys holds."""
+    if bool(keys) == bool(pattern):
+        raise ValueError("an invalidation needs keys or a pattern (not both)")
     if any(not key for key in keys):
         raise ValueError("keys must not be empty")
     fields = {"v": str(CONTRACT_VERSION), "op": op}
-    if any(_WHITESPACE_RUN.search(key) for key in keys):
+    if version is not None:
+        fields["version"] = str(version)
+    if pattern:
+        fields["pattern"] = pattern
+    elif any(_WHITESPACE_RUN.search(key) for key in keys):
         sep = _free_separator(keys)
         fields["sep"] = sep
         fields["keys"] = sep.join(keys)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from gateway.localredis import RedisProcess
+from gateway.localredis import RedisProcess, port_in_use
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too; both below 65536."""
+    while True:
+        port = random.randint(20000, 45000)
+        if not port_in_use(port) and not port_in_use(port + 10000):
+            return port
 
 
 @contextlib.contextmanager
@@ -19,17 +31,23 @@ def redis_cluster(primaries: int = 3) -> Iterator[list[RedisProcess]]:
     try:
         for _ in range(primaries):
             node = RedisProcess(
-                args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+                cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
             )
             node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
             nodes.append(node.start())
         subprocess.run(
             [
-                "redis-cli", "--cluster", "create",
+                shutil.which("redis-cli") or "redis-cli",
+                "--cluster",
+                "create",
                 *(f"127.0.0.1:{node.port}" for node in nodes),
-                "--cluster-replicas", "0", "--cluster-yes",
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
             ],
-            check=True, capture_output=True, timeout=30,
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         _wait_ok(nodes)
         yield nodes
@@ -41,11 +59,21 @@ def redis_cluster(primaries: int = 3) -> Iterator[list[RedisProcess]]:
 def _wait_ok(nodes: list[RedisProcess], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     for node in nodes:
-        client = redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2)
+        client = redis.Redis(
+            port=node.port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
-            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            while not _state_ok(client):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cluster node {node.port} not ok after {timeout_s}s")
                 time.sleep(0.05)
         finally:
             client.close()
+
+
+def _state_ok(client: redis.Redis) -> bool:
+    reply: bytes = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+    return b"cluster_state:ok" in reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -77,7 +78,7 @@ def test_slots_partition_the_window_without_overlap() -> None:
     windows = [Resolver(POLICY, r, REGIONS).slot_window((2000, 10_000)) for r in REGIONS]
     assert windows[0][0] == 2000
     assert windows[-1][1] == pytest.approx(10_000)
-    for (_, hi), (lo, _) in zip(windows, windows[1:], strict=False):
+    for (_, hi), (lo, _) in itertools.pairwise(windows):
         assert hi == pytest.approx(lo)
 
 
@@ -106,8 +107,13 @@ def test_expiry_draws_are_uniform_inside_the_slot() -> None:
 
 @pytest.mark.parametrize(
     ("pattern", "prefix"),
-    [("catalog:*", "catalog:"), ("{user:1}:*", "{user:1}:"), ("a?b", "a"), ("plain", "plain"),
-     ("[ab]x", "")],
+    [
+        ("catalog:*", "catalog:"),
+        ("{user:1}:*", "{user:1}:"),
+        ("a?b", "a"),
+        ("plain", "plain"),
+        ("[ab]x", ""),
+    ],
 )
 def test_literal_prefix(pattern: str, prefix: str) -> None:
     assert literal_prefix(pattern) == prefix

@@ -85,12 +85,48 @@ def test_empty_optional_fields_count_as_absent() -> None:
 INVALID = [
     pytest.param({}, "deleted", "entry has no fields (it was deleted or trimmed)", id="deleted"),
     pytest.param({"keys": "a"}, "missing_field", "missing field 'op'", id="no-op"),
-    pytest.param({"op": "unlink"}, "missing_field", "missing field 'keys'", id="no-keys-field"),
+    pytest.param({"op": "unlink"}, "no_keys", "'keys' (or 'pattern') is missing", id="no-keys"),
     pytest.param(
-        {"op": "expire", "keys": "a"},
+        {"op": "purge", "keys": "a"},
         "unknown_op",
-        "unknown op 'expire'; known ops: unlink",
+        "unknown op 'purge'; known ops: unlink, expire, hybrid, invalidate",
         id="unknown-op",
+    ),
+    pytest.param(
+        {"op": "unlink", "keys": "a", "pattern": "abc:*"},
+        "keys_and_pattern",
+        "give either 'keys' or 'pattern', not both",
+        id="keys-and-pattern",
+    ),
+    pytest.param(
+        {"op": "unlink", "pattern": "*"},
+        "pattern_too_broad",
+        "fixes 0 characters before its first wildcard; at least 3 are required",
+        id="pattern-wipes-everything",
+    ),
+    pytest.param(
+        {"op": "unlink", "pattern": "ab*"},
+        "pattern_too_broad",
+        "fixes 2 characters",
+        id="pattern-prefix-too-short",
+    ),
+    pytest.param(
+        {"op": "unlink", "pattern": "k" * 1025},
+        "key_too_long",
+        "pattern is 1025 bytes",
+        id="pattern-too-long",
+    ),
+    pytest.param(
+        {"op": "unlink", "keys": "a", "version": "-1"},
+        "bad_fence_version",
+        "version '-1' must be a non-negative integer",
+        id="negative-fence-version",
+    ),
+    pytest.param(
+        {"op": "unlink", "keys": "a", "version": "007"},
+        "bad_fence_version",
+        "without leading zeros",
+        id="fence-version-leading-zero",
     ),
     pytest.param(
         {"op": "UNLINK", "keys": "a"}, "unknown_op", "unknown op 'UNLINK'", id="op-is-case-exact"
@@ -102,9 +138,7 @@ INVALID = [
         id="newer-version",
     ),
     pytest.param({"op": "unlink", "keys": "a", "v": ""}, "bad_version", "v=''", id="empty-version"),
-    pytest.param(
-        {"op": "unlink", "keys": ""}, "no_keys", "no keys: field 'keys' is empty", id="empty"
-    ),
+    pytest.param({"op": "unlink", "keys": ""}, "no_keys", "no keys: field 'keys'", id="empty"),
     pytest.param({"op": "unlink", "keys": " \t\n "}, "no_keys", "no keys", id="only-whitespace"),
     pytest.param(
         {"op": "unlink", "keys": "", "sep": ","}, "no_keys", "no keys", id="empty-with-sep"
@@ -331,7 +365,7 @@ def test_envelope_is_a_tagged_msgpack_map() -> None:
     """Any msgpack library can read it: a map with ``type``, invalidations as arrays."""
     plain = msgspec.msgpack.decode(encode_envelope(BATCH))
     assert plain["type"] == "batch"
-    assert plain["events"][1] == ["1700000000002-0", "unlink", ["c"], None, None]
+    assert plain["events"][1] == ["1700000000002-0", "unlink", ["c"], None, None, None, None]
 
 
 def test_envelope_from_a_newer_gateway_still_decodes() -> None:
@@ -341,7 +375,7 @@ def test_envelope_from_a_newer_gateway_still_decodes() -> None:
         "origin": "us-east",
         "epoch": "e1",
         "prev": "0-0",
-        "events": [["1-0", "unlink", ["a"], None, "orders", "a-later-field", 7]],
+        "events": [["1-0", "unlink", ["a"], None, "orders", None, None, "a-later-field", 7]],
         "sent_ms": 5,
         "partition": 3,
         "compression": {"kind": "none"},
@@ -391,7 +425,7 @@ def test_envelope_from_an_older_gateway_decodes_with_defaults() -> None:
                 "epoch": "e",
                 "prev": "0-0",
                 "sent_ms": 1,
-                "events": [["1-0", "expire", ["a"]]],
+                "events": [["1-0", "purge", ["a"]]],
             }
         ),
     ],
@@ -445,8 +479,17 @@ def test_no_stale_schema_files() -> None:
 def test_producer_schema_states_the_contract() -> None:
     schema = json.loads((SCHEMA_DIR / "producer-entry.json").read_text())
     entry = schema["$defs"]["ProducerEntry"]
-    assert entry["required"] == ["op", "keys"]
-    assert set(entry["properties"]) == {"op", "keys", "v", "sep", "traceparent", "source"}
+    assert entry["required"] == ["op"]
+    assert set(entry["properties"]) == {
+        "op",
+        "keys",
+        "pattern",
+        "version",
+        "v",
+        "sep",
+        "traceparent",
+        "source",
+    }
     assert all(
         prop.get("type") == "string" or "enum" in prop for prop in entry["properties"].values()
     )

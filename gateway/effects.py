@@ -1,0 +1,57 @@
+"""What a batch of invalidations does to one region's cache, decided before touching Redis.
+
+The policy turns each key of each invalidation into one effect in this region: an UNLINK, a soft
+``PEXPIRE … LT`` with a TTL drawn in the region's staggered slot, or (for versioned invalidations)
+a fenced variant of either that also leaves a tombstone. Pattern invalidations become scan jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway.policy import Resolver
+from proto import Invalidation
+
+
+@dataclass
+class Plan:
+    unlink: list[str] = field(default_factory=list)
+    expire: list[tuple[str, int]] = field(default_factory=list)
+    """(key, ttl in ms) for ``PEXPIRE key ttl LT``."""
+    fenced: list[tuple[str, str, int]] = field(default_factory=list)
+    """(key, version, ttl in ms or 0 to unlink) for versioned invalidations."""
+    scans: list[Invalidation] = field(default_factory=list)
+    """Pattern invalidations, run in the background by the scanner."""
+
+    def __bool__(self) -> bool:
+        return bool(self.unlink or self.expire or self.fenced)
+
+
+def plan_keys(
+    plan: Plan, keys: Iterable[str], op: str, version: str | None, origin: str, resolver: Resolver
+) -> None:
+    """Add the effects of invalidating ``keys`` (asked as ``op``) to ``plan``."""
+    if version is None and resolver.always_unlink and op in ("unlink", "invalidate"):
+        plan.unlink.extend(keys)
+        return
+    for key in keys:
+        decision = resolver.decide(key, op, origin)
+        ttl = 0 if decision.unlink else resolver.expiry_ms(decision)
+        if version is not None:
+            plan.fenced.append((key, version, ttl))
+        elif ttl:
+            plan.expire.append((key, ttl))
+        else:
+            plan.unlink.append(key)
+
+
+def plan_batch(events: Iterable[Invalidation], origin: str, resolver: Resolver) -> Plan:
+    """The effects in this region of ``events`` written in ``origin``."""
+    plan = Plan()
+    for event in events:
+        if event.pattern is not None:
+            plan.scans.append(event)
+        else:
+            plan_keys(plan, event.keys, event.op, event.version, origin, resolver)
+    return plan

@@ -1,0 +1,114 @@
+"""Race-safe fills: versioned invalidations leave a tombstone that refuses older fills.
+
+The race: region B's service reads an old value from a lagging database replica and writes it back
+into the cache just after the invalidation arrived, so the stale value lives on. The fence closes
+it. An invalidation may carry the ``version`` of the change (any non-negative integer that grows
+with each change of the source: a row version, a commit sequence number). Applying it leaves, next
+to the key, a short-lived tombstone holding the highest version seen; :func:`fill` writes a value
+only if the version it was read at is not older than the tombstone. Both sides are one atomic
+script on the key's own Redis (the tombstone shares the key's hash slot, so it works on a cluster).
+
+::
+
+    from gateway.fence import fill
+    stored = await fill(client, "user:1001:profile", value, version=row.version, ttl_ms=60_000)
+    # False: the row changed (and was invalidated) since this value was read: not cached.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+
+from gateway.connections import AsyncRedis
+
+FENCE_SUFFIX = ":invalgw:fence"
+
+# Versions are compared as canonical decimal strings of any length: shorter is older.
+_OLDER = """
+local function older(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+"""
+
+APPLY_SCRIPT = (
+    _OLDER
+    + """
+-- KEYS[1] key, KEYS[2] its tombstone; ARGV[1] version, ARGV[2] tombstone ttl ms,
+-- ARGV[3] 0 to unlink the key, else a soft expiry in ms (PEXPIRE LT)
+local current = redis.call('GET', KEYS[2])
+if not current or older(current, ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+if ARGV[3] == '0' then
+  return redis.call('UNLINK', KEYS[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3], 'LT')
+return 0
+"""
+)
+
+FILL_SCRIPT = (
+    _OLDER
+    + """
+-- KEYS[1] key, KEYS[2] its tombstone; ARGV[1] value, ARGV[2] version, ARGV[3] ttl ms
+local fence = redis.call('GET', KEYS[2])
+if fence and older(ARGV[2], fence) then
+  return 0
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+)
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` Redis Cluster hashes: its ``{tag}`` if it has one, else all of it."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def fence_key(key: str) -> str:
+    """The tombstone's name: in the same hash slot as ``key`` on a Redis Cluster."""
+    tag = hash_tag(key)
+    if "}" in tag:  # cannot be wrapped in a tag: same slot only on a standalone Redis
+        return key + FENCE_SUFFIX
+    return "{" + tag + "}" + FENCE_SUFFIX + ":" + key
+
+
+def canonical_version(text: str) -> str:
+    """Validate a version (decimal digits, no leading zeros); raise ``ValueError`` if it is not."""
+    if not text.isdigit() or not text.isascii() or (len(text) > 1 and text[0] == "0"):
+        raise ValueError(f"version {text!r} must be a non-negative integer without leading zeros")
+    return text
+
+
+async def fill(
+    client: AsyncRedis, key: str, value: bytes | str, *, version: int | str, ttl_ms: int = 0
+) -> bool:
+    """Cache ``value`` (read at ``version``) unless a newer invalidation fenced ``key``."""
+    script = client.register_script(FILL_SCRIPT)
+    stored = await script(
+        keys=[key, fence_key(key)], args=[value, canonical_version(str(version)), ttl_ms]
+    )
+    return bool(stored)
+
+
+def fill_sync(
+    client: redis.Redis, key: str, value: bytes | str, *, version: int | str, ttl_ms: int = 0
+) -> bool:
+    """:func:`fill` with a blocking client."""
+    script = client.register_script(FILL_SCRIPT)
+    stored = script(
+        keys=[key, fence_key(key)], args=[value, canonical_version(str(version)), ttl_ms]
+    )
+    return bool(stored)

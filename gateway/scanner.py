@@ -1,0 +1,139 @@
+"""Pattern invalidations: every key of a group or namespace, walked in the background.
+
+An invalidation with ``pattern`` (``{user:1001}:*``, ``catalog:v2:*``) becomes a scan job. The
+scanner walks the cache with SCAN in bounded batches (on every primary of a cluster) and applies
+the event's mode to each batch, one job at a time, while ordinary invalidations keep flowing
+through their stage. The job's stream entry is acknowledged only when the walk is complete, so a
+crash mid-walk redoes it on restart (every effect is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from gateway.cache import Cache
+from gateway.connections import REDIS_ERRORS
+from gateway.effects import Plan, plan_keys
+from gateway.metrics import Metrics
+from gateway.policy import Resolver
+from gateway.worker import Drain, backoff_seconds, log_failure
+from proto import Invalidation
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    event: Invalidation
+    origin: str
+    done: Callable[[], Awaitable[None]]
+    """Called once every matching key has been handled (acknowledges the stream entry)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.origin, self.event.id
+
+
+class Scanner:
+    def __init__(
+        self,
+        cache: Cache,
+        resolver: Resolver,
+        *,
+        region: str,
+        metrics: Metrics,
+        drain: Drain,
+        batch: int = 1000,
+    ) -> None:
+        self.cache = cache
+        self.resolver = resolver
+        self.region = region
+        self.drain = drain
+        self.batch = batch
+        self._jobs: MemoryObjectSendStream[ScanJob]
+        self._queue: MemoryObjectReceiveStream[ScanJob]
+        self._jobs, self._queue = anyio.create_memory_object_stream[ScanJob](math.inf)
+        self._active: set[tuple[str, str]] = set()
+        self._keys = metrics.pattern_keys
+        self._finished = metrics.pattern_invalidations
+        self._in_progress = metrics.pattern_in_progress.labels(region)
+
+    def submit(self, job: ScanJob) -> None:
+        """Queue ``job`` unless the same entry is already queued or running (a redelivery)."""
+        if job.key in self._active:
+            return
+        self._active.add(job.key)
+        self._in_progress.set(len(self._active))
+        self._jobs.send_nowait(job)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run queued jobs one after the other until drained."""
+        task_status.started()
+        while not self.drain.requested:
+            with self.drain.interruptible():
+                job = await self._queue.receive()
+            if self.drain.requested:
+                break
+            try:
+                await self._run(job)
+            finally:
+                self._active.discard(job.key)
+                self._in_progress.set(len(self._active))
+
+    async def _run(self, job: ScanJob) -> None:
+        failures = 0
+        while not self.drain.requested:
+            try:
+                if await self._walk(job):
+                    await job.done()
+            except REDIS_ERRORS as exc:
+                failures += 1
+                log_failure(f"pattern {job.event.pattern!r}", exc, failures)
+                await self.drain.sleep(backoff_seconds(failures))
+            else:
+                return
+
+    async def _walk(self, job: ScanJob) -> bool:
+        """Apply the job to every matching key; False if a drain stopped it half way."""
+        event = job.event
+        pattern = event.pattern or ""
+        started = last_report = time.monotonic()
+        matched = removed = 0
+        log.info("pattern %r from %s: walking the cache", pattern, job.origin)
+        keys_counter = self._keys.labels(self.region, job.origin)
+        async for keys in self.cache.scan(pattern, count=self.batch):
+            plan = Plan()
+            plan_keys(plan, keys, event.op, event.version, job.origin, self.resolver)
+            removed += await self.cache.apply(plan)
+            matched += len(keys)
+            keys_counter.inc(len(keys))
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                log.info("pattern %r: %d keys so far", pattern, matched)
+                last_report = time.monotonic()
+            await anyio.lowlevel.checkpoint()  # ordinary invalidations go between batches
+            if self.drain.requested:
+                log.info("pattern %r: stopped by drain; it runs again on restart", pattern)
+                return False
+        self._finished.labels(self.region, job.origin).inc()
+        log.info(
+            "pattern %r from %s: %d keys matched, %d removed, in %.1f s",
+            pattern,
+            job.origin,
+            matched,
+            removed,
+            time.monotonic() - started,
+        )
+        return True

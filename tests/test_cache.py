@@ -1,0 +1,119 @@
+"""The cache's effects on a real standalone Redis and a real 3-primary Redis Cluster."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.cache import Cache
+from gateway.effects import Plan
+from gateway.fence import fence_key, fill
+from gateway.localredis import RedisProcess
+from tests.cluster import redis_cluster
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes() -> Iterator[list[RedisProcess]]:
+    with redis_cluster(3) as nodes:
+        yield nodes
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+async def cache(
+    request: pytest.FixtureRequest,
+    session_servers: list[RedisServer],
+    cluster_nodes: list[RedisProcess],
+) -> AsyncIterator[Cache]:
+    client: redis.asyncio.Redis | RedisCluster
+    if request.param == "standalone":
+        client = redis.asyncio.Redis.from_url(
+            session_servers[0].url, socket_timeout=5, socket_connect_timeout=2
+        )
+    else:
+        client = RedisCluster(
+            host="127.0.0.1",
+            port=cluster_nodes[0].port,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+        )
+    try:
+        yield Cache(client, fence_ttl_ms=30_000)
+    finally:
+        await client.aclose()
+
+
+async def populate(cache: Cache, keys: set[str] | list[str]) -> None:
+    async with cache.client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.set(key, "v")
+        await pipe.execute()
+
+
+async def test_unlink_removes_keys_across_slots(cache: Cache, namespace: str) -> None:
+    keys = [f"{namespace}:k:{i}" for i in range(2500)]  # many slots, more than one UNLINK chunk
+    await populate(cache, keys)
+    removed = await cache.apply(Plan(unlink=[*keys, f"{namespace}:absent"]))
+    assert removed == len(keys)
+    found = [key async for batch in cache.scan(f"{namespace}:k:*") for key in batch]
+    assert found == []
+
+
+async def test_soft_expiry_sets_ttls_and_never_extends_a_shorter_one(
+    cache: Cache, namespace: str
+) -> None:
+    persistent, short = f"{namespace}:persistent", f"{namespace}:short"
+    await cache.client.set(persistent, "v")
+    await cache.client.set(short, "v", px=500)
+    await cache.apply(Plan(expire=[(persistent, 5000), (short, 5000)]))
+    assert 4000 < await cache.client.pttl(persistent) <= 5000  # a key without TTL gets one
+    assert 0 < await cache.client.pttl(short) <= 500  # a shorter TTL is kept
+
+
+async def test_fenced_invalidation_refuses_stale_fills_and_admits_fresh_ones(
+    cache: Cache, namespace: str
+) -> None:
+    key = f"{{{namespace}:user:7}}:profile"
+    await cache.client.set(key, "old")
+    removed = await cache.apply(Plan(fenced=[(key, "42", 0)]))
+    assert removed == 1
+    assert await cache.client.exists(key) == 0
+    assert await cache.client.get(fence_key(key)) == b"42"
+
+    assert not await fill(cache.client, key, "read at 41", version=41, ttl_ms=10_000)  # type: ignore[arg-type]
+    assert await cache.client.exists(key) == 0
+    assert await fill(cache.client, key, "read at 42", version=42, ttl_ms=10_000)  # type: ignore[arg-type]
+    assert await cache.client.get(key) == b"read at 42"
+
+    # an older invalidation arriving late never lowers the fence
+    await cache.apply(Plan(fenced=[(key, "9", 0)]))
+    assert await cache.client.get(fence_key(key)) == b"42"
+    # versions compare as numbers of any length, not as text
+    assert await fill(cache.client, key, "read at 100", version=100)  # type: ignore[arg-type]
+
+
+async def test_scan_finds_every_matching_key_and_nothing_else(cache: Cache, namespace: str) -> None:
+    wanted = {f"{namespace}:cat:{i}" for i in range(3000)}
+    others = {f"{namespace}:dog:{i}" for i in range(300)}
+    await populate(cache, wanted | others)
+    found: set[str] = set()
+    batches = 0
+    async for batch in cache.scan(f"{namespace}:cat:*", count=500):
+        found.update(batch)
+        batches += 1
+    assert found == wanted
+    assert batches > 1  # walked in bounded batches
+
+
+async def test_scan_of_a_hash_tag_group(cache: Cache, namespace: str) -> None:
+    group = {f"{{{namespace}:user:1001}}:{part}" for part in ("profile", "perms", "cart")}
+    await populate(cache, group | {f"{{{namespace}:user:1002}}:profile"})
+    found: set[str] = set()
+    async for batch in cache.scan(f"{{{namespace}:user:1001}}:*"):
+        found.update(batch)
+    assert found == group
