@@ -1,0 +1,75 @@
+"""invalgw probe: the SLO measured from outside, against three regions' real gateways."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from gateway.config import RegionConfig
+from gateway.probe import Prober, ProbeResult, SloWindow, format_duration, format_percent
+from tests.conftest import running
+
+
+@pytest.mark.anyio
+async def test_probe_measures_convergence_in_every_region(
+    configs: dict[str, RegionConfig],
+) -> None:
+    async with running(configs):
+        prober = Prober(list(configs.values()), threshold_s=5.0, window_s=600, timeout_s=10)
+        try:
+            results = [await prober.probe_once(config) for config in configs.values()]
+        finally:
+            await prober.aclose()
+    assert [r.origin for r in results if r is not None] == list(configs)
+    assert all(r is not None and r.seconds is not None and r.seconds < 5 for r in results)
+    assert prober.window.statement(5.0) == (
+        "100% of invalidations applied in every region within 5 s over the last 10 minutes "
+        "(3 probes)"
+    )
+    exported = generate_latest(prober.registry).decode()
+    assert 'invalgw_probe_slo_ratio{threshold="5 s",window="10 minutes"} 1.0' in exported
+    assert 'invalgw_probe_convergence_seconds_count{origin="eu-west"} 1.0' in exported
+
+
+@pytest.mark.anyio
+async def test_probe_reports_a_region_whose_gateway_is_down(
+    configs: dict[str, RegionConfig],
+) -> None:
+    """With ap-south's gateway stopped, canaries from us-east never leave ap-south's cache."""
+    async with running(configs, "us-east", "eu-west"):
+        prober = Prober(list(configs.values()), threshold_s=0.25, window_s=600, timeout_s=1)
+        try:
+            result = await prober.probe_once(configs["us-east"])
+        finally:
+            await prober.aclose()
+    assert result is not None
+    assert result.seconds is None
+    assert prober.failures == 1
+    assert prober.window.statement(0.25).startswith("0% of invalidations")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "text"),
+    [
+        (1.0, "100%"),
+        (0.9999, "99.99%"),
+        (0.99995, "99.995%"),
+        (0.975, "97.5%"),
+        (0.999999, "99.9999%"),
+        (0.0, "0%"),
+    ],
+)
+def test_percentages_are_never_rounded_up_to_100(ratio: float, text: str) -> None:
+    assert format_percent(ratio) == text
+
+
+def test_window_keeps_only_recent_probes() -> None:
+    window = SloWindow(window_s=60)
+    window.add(ProbeResult("a", started=0.0, seconds=0.1))
+    window.add(ProbeResult("a", started=30.0, seconds=None))
+    assert window.ratio_within(0.25) == 0.5
+    window.add(ProbeResult("a", started=100.0, seconds=0.2))
+    assert len(window) == 1
+    assert window.ratio_within(0.25) == 1.0
+    assert format_duration(0.25) == "250 ms"
+    assert format_duration(600) == "10 minutes"
