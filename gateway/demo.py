@@ -29,6 +29,7 @@ import redis
 
 from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
 from gateway.errors import ConfigError, DemoFailed, GatewayError
+from gateway.lag import status_decoder
 from gateway.lagtable import STYLES, Column, LagCollector, Snapshot, render_json, render_text
 from gateway.localmesh import LocalRegion, check_ports, load_mesh
 from gateway.localredis import RedisProcess, find_redis_server
@@ -158,6 +159,8 @@ class Member:
     busy: bool = False
     """A stop or start of the gateway is under way."""
     exit_reported: bool = False
+    started_ms: float = 0.0
+    """The region's Redis clock when its gateway was last started."""
 
     @property
     def name(self) -> str:
@@ -284,6 +287,8 @@ class Demo:
     async def _start_gateway(self, member: Member) -> None:
         config = str(member.region.config_path)
         command = [sys.executable, "-m", "gateway", "run", "--config", config]
+        seconds, micros = await self.clients[member.name].time()
+        member.started_ms = seconds * 1000 + micros / 1000
         # shielded: a Ctrl-C must not leave a process running that the demo does not know of
         with self._log_path(member).open("ab") as log, anyio.CancelScope(shield=True):
             member.gateway = await anyio.open_process(
@@ -297,7 +302,7 @@ class Demo:
         member.exit_reported = False
 
     async def _wait_ready(self, member: Member, failures: list[str]) -> None:
-        """Wait until the gateway has created every consumer group it reads, or say why not."""
+        """Wait until the gateway has its consumer groups and reports, or say why not."""
         assert member.gateway is not None
         names = member.region.names
         peers = [peer.name for peer in member.region.config.peers]
@@ -305,7 +310,10 @@ class Demo:
         wanted.update({names.mirror(peer): {APPLY_GROUP} for peer in peers})
         with anyio.move_on_after(READY_TIMEOUT_S):
             while member.gateway.returncode is None:
-                if await _has_groups(self.clients[member.name], wanted):
+                client = self.clients[member.name]
+                if await _has_groups(client, wanted) and await _reported_since(
+                    client, names.status, member.name, member.started_ms
+                ):
                     member.gateway_state = "running"
                     return
                 await anyio.sleep(0.1)
@@ -495,9 +503,14 @@ class Demo:
                 await self._stop_gateway(member)
                 self._event(f"the gateway of {member.name} {member.gateway_label()}")
             else:
+                self._event(f"starting the gateway of {member.name} again")
                 await self._start_gateway(member)
-                member.gateway_state = "running"
-                self._event(f"started the gateway of {member.name} again: watch it catch up")
+                failures: list[str] = []
+                await self._wait_ready(member, failures)
+                if failures:
+                    self._event(failures[0].splitlines()[0])
+                else:
+                    self._event(f"the gateway of {member.name} runs again: watch it catch up")
         finally:
             member.busy = False
 
@@ -553,6 +566,15 @@ class Demo:
             member.gateway_state = "stopped"
         elif process.returncode == -signal.SIGKILL:
             member.gateway_state = "killed"
+
+
+async def _reported_since(client: AsyncRedis, key: str, region: str, since_ms: float) -> bool:
+    """Whether the region's gateway has written its own status since ``since_ms``."""
+    raw = await client.hget(key, region)
+    try:
+        return raw is not None and status_decoder.decode(raw).updated_ms >= since_ms
+    except ValueError:  # unreadable: the gateway rewrites it within a second
+        return False
 
 
 async def _has_groups(client: AsyncRedis, wanted: dict[str, set[str]]) -> bool:
