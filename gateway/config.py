@@ -6,6 +6,7 @@ what is wrong, so an operator can fix them all in one pass.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -353,3 +354,42 @@ def redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def to_toml(config: RegionConfig) -> str:
+    """``config`` as a region file that :func:`load_config` reads back to an equal config.
+
+    Every field is written, defaults included. Secrets expanded from ``${VAR}`` are written as
+    they are, so keep the output somewhere private.
+    """
+    raw: dict[str, Any] = msgspec.to_builtins(config)
+    lines = [f"{key} = {_toml_value(value)}" for key, value in raw.items() if _is_scalar(value)]
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]", *_toml_pairs(value)]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines += ["", f"[[{key}]]", *_toml_pairs(item)]
+    return "\n".join(lines) + "\n"
+
+
+def _is_scalar(value: Any) -> bool:
+    if value is None or isinstance(value, dict):
+        return False
+    return not (isinstance(value, list) and value and isinstance(value[0], dict))
+
+
+def _toml_pairs(table: dict[str, Any]) -> list[str]:
+    return [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -141,7 +141,9 @@ async def publish_status(
             metrics.heartbeat_age.labels(status.region, status.origin).set(
                 status.heartbeat_age_ms / 1000
             )
-        status.updated_ms = int(local_clock.now_ms())
+        local_now_ms = local_clock.now_ms()
+        status.origin_clock_offset_ms = source.origin_now_ms() - local_now_ms
+        status.updated_ms = int(local_now_ms)
         mapping[status.origin] = status_encoder.encode(status)
     if mapping:
         await client.hset(key, mapping=mapping)

@@ -36,6 +36,9 @@ class LinkStatus(msgspec.Struct, kw_only=True):
     updated_ms: int = 0
     """This region's Redis clock when the status was written."""
     gaps: int = 0
+    origin_clock_offset_ms: float = 0.0
+    """The origin's Redis clock minus this region's, as last measured (0 for the region itself).
+    A reader adds it to this region's clock to tell how old ``heartbeat_ms`` is now."""
 
 
 class LagWindow:

@@ -54,13 +54,24 @@ class RedisProcess:
     """One redis-server child process on 127.0.0.1:``port``."""
 
     def __init__(
-        self, port: int | None = None, *, workdir: str | None = None, args: tuple[str, ...] = ()
+        self,
+        port: int | None = None,
+        *,
+        workdir: str | os.PathLike[str] | None = None,
+        args: tuple[str, ...] = (),
+        own_session: bool = False,
     ) -> None:
+        """``own_session``: start the server in a session of its own, so a Ctrl-C in the
+        terminal reaches only this process, which then stops the server in its own time."""
         self.binary = find_redis_server()
         self.port = port or free_port()
         self.args = args
+        self.own_session = own_session
         self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"invalgw-redis-{self.port}-"))
+        # absolute: redis-server changes into --dir before it opens --logfile
+        self.workdir = Path(
+            workdir or tempfile.mkdtemp(prefix=f"invalgw-redis-{self.port}-")
+        ).absolute()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,8 +102,14 @@ class RedisProcess:
             "no",
             *self.args,
         ]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        self.wait_ready(timeout_s)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, start_new_session=self.own_session
+        )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()  # never leave a server behind that the caller does not know is running
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
