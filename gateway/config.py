@@ -19,6 +19,7 @@ import msgspec
 import redis.connection
 
 from gateway.errors import ConfigError
+from gateway.policy import Policy
 from proto import Limits
 
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -156,19 +157,27 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             raise ValueError("port: must be between 0 and 65535")
 
 
+class CacheEndpoint(RedisEndpoint, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The region's cache, when it is not the same Redis as ``[redis]``."""
+
+    cluster: bool = False
+    """True for a Redis Cluster: keys are grouped by hash slot, scans visit every primary."""
+
+
 class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything one region's gateway needs to know."""
 
     region: RegionName
     redis: RedisEndpoint
     """The region's Redis: its invalidation stream, mirrors and state."""
-    cache: RedisEndpoint | None = None
+    cache: CacheEndpoint | None = None
     """The region's cache, where keys are unlinked. Default: the same Redis as ``redis``."""
     peers: list[Peer] = []
     streams: Streams = Streams()
     gateway: Tuning = Tuning()
     limits: Limits = Limits()
     metrics: Metrics = Metrics()
+    policy: Policy = Policy()
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -190,8 +199,13 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             )
 
     @property
-    def cache_endpoint(self) -> RedisEndpoint:
-        return self.cache or self.redis
+    def cache_endpoint(self) -> CacheEndpoint:
+        return self.cache or CacheEndpoint(**msgspec.structs.asdict(self.redis))
+
+    @property
+    def regions(self) -> list[str]:
+        """Every region of the topology: this one and its peers."""
+        return [self.region, *(peer.name for peer in self.peers)]
 
     @property
     def consumer(self) -> str:
@@ -363,24 +377,30 @@ def to_toml(config: RegionConfig) -> str:
     they are, so keep the output somewhere private.
     """
     raw: dict[str, Any] = msgspec.to_builtins(config)
-    lines = [f"{key} = {_toml_value(value)}" for key, value in raw.items() if _is_scalar(value)]
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{key}]", *_toml_pairs(value)]
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
+    return "\n".join(_toml_table(raw, "")).strip() + "\n"
+
+
+def _toml_table(table: dict[str, Any], prefix: str) -> list[str]:
+    lines = [
+        f"{key} = {_toml_value(value)}"
+        for key, value in table.items()
+        if value is not None and not _is_table(value) and not _is_table_array(value)
+    ]
+    for key, value in table.items():
+        if _is_table(value):
+            lines += ["", f"[{prefix}{key}]", *_toml_table(value, f"{prefix}{key}.")]
+        elif _is_table_array(value):
             for item in value:
-                lines += ["", f"[[{key}]]", *_toml_pairs(item)]
-    return "\n".join(lines) + "\n"
+                lines += ["", f"[[{prefix}{key}]]", *_toml_table(item, f"{prefix}{key}.")]
+    return lines
 
 
-def _is_scalar(value: Any) -> bool:
-    if value is None or isinstance(value, dict):
-        return False
-    return not (isinstance(value, list) and value and isinstance(value[0], dict))
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict)
 
 
-def _toml_pairs(table: dict[str, Any]) -> list[str]:
-    return [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
 def _toml_value(value: Any) -> str:
@@ -390,6 +410,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")

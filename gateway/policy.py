@@ -63,6 +63,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """How many slots the window is cut into; default: the number of regions."""
     fence_ttl_ms: int = 60_000
     """How long a versioned invalidation's tombstone refuses older fills."""
+    resync_patterns: list[str] = []
+    """On a gap (invalidations from an origin may be lost), soft-expire the keys matching these
+    patterns in this region, within the default window: the resync."""
     rules: list[Rule] = []
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 import redis.asyncio
 
-from gateway.config import RegionConfig, parse_config
+from gateway.config import RegionConfig, parse_config, to_toml
 from gateway.metrics import Metrics
 from gateway.service import Gateway
 from tests.servers import RedisServer, redis_servers
@@ -146,44 +146,8 @@ async def wait_until(
 
 def write_config(path: Path, config: RegionConfig) -> Path:
     """Write ``config`` as a TOML region file (for tests that run the gateway as a process)."""
-    import msgspec
-
-    raw = msgspec.to_builtins(config)
-    path.write_text(_toml(raw))
+    path.write_text(to_toml(config))
     return path
-
-
-def _toml(raw: dict[str, Any]) -> str:
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    arrays: list[tuple[str, list[dict[str, Any]]]] = []
-    for key, value in raw.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{key} = {_value(value)}")
-    for key, table in tables:
-        lines.append(f"\n[{key}]")
-        lines += [f"{k} = {_value(v)}" for k, v in table.items() if v is not None]
-    for key, items in arrays:
-        for item in items:
-            lines.append(f"\n[[{key}]]")
-            lines += [f"{k} = {_value(v)}" for k, v in item.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 async def wait_gone(

@@ -54,7 +54,8 @@ def test_minimal_config_takes_every_default(tmp_path: Path) -> None:
     assert config.region == "us-east"
     assert config.redis == RedisEndpoint(url="redis://127.0.0.1:6379/0")
     assert config.cache is None
-    assert config.cache_endpoint is config.redis
+    assert config.cache_endpoint.url == config.redis.url
+    assert not config.cache_endpoint.cluster
     assert config.peers == []
     assert config.streams == Streams()
     assert config.gateway == Tuning()
@@ -176,8 +177,8 @@ MISTAKES = [
     ),
     pytest.param(
         'regoin = "us-east"\n' + MINIMAL,
-        "regoin: unknown field (known fields: cache, gateway, limits, metrics, peers, redis, "
-        "region, streams)",
+        "regoin: unknown field (known fields: cache, gateway, limits, metrics, peers, policy, "
+        "redis, region, streams)",
         id="unknown-top-level-field",
     ),
     pytest.param(

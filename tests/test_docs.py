@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from gateway.config import (
+    CacheEndpoint,
     Metrics,
     Peer,
     RedisEndpoint,
@@ -25,6 +26,7 @@ from gateway.config import (
     Tuning,
     parse_config,
 )
+from gateway.policy import Policy, Rule
 from proto import Batch, Heartbeat, InvalidEntry, Limits, ProducerEntry, parse_entry
 
 REPO = Path(__file__).parent.parent
@@ -33,12 +35,14 @@ CONTRACT = (REPO / "proto" / "README.md").read_text()
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
     "Top level": RegionConfig,
-    "`[redis]` and `[cache]`": RedisEndpoint,
+    "`[redis]` and `[cache]`": CacheEndpoint,
     "`[[peers]]`": Peer,
     "`[streams]`": Streams,
     "`[gateway]`": Tuning,
     "`[limits]`": Limits,
     "`[metrics]`": Metrics,
+    "`[policy]`": Policy,
+    "`[[policy.rules]]`": Rule,
 }
 
 
@@ -71,19 +75,29 @@ def table_rows(text: str, first_header: str | None = None) -> dict[str, list[str
 
 def field_type(annotation: Any) -> str:
     """How docs/configuration.md names a field's type."""
+    info = msgspec.inspect.type_info(annotation)
+    if isinstance(info, msgspec.inspect.UnionType):
+        info = next(t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+    if isinstance(info, msgspec.inspect.ListType):
+        inner = info.item_type
+        return "array of tables" if isinstance(inner, msgspec.inspect.StructType) else "array"
     kinds = {
         msgspec.inspect.IntType: "integer",
         msgspec.inspect.StrType: "string",
-        msgspec.inspect.ListType: "array of tables",
+        msgspec.inspect.LiteralType: "string",
+        msgspec.inspect.BoolType: "boolean",
+        msgspec.inspect.TupleType: "array",
     }
-    return kinds.get(type(msgspec.inspect.type_info(annotation)), "table")
+    return kinds.get(type(info), "table")
 
 
 def toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
-    if isinstance(value, list):
-        return "[]"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return str(value)
 
 
@@ -141,9 +155,15 @@ def test_annotated_example_sets_every_field() -> None:
         "gateway": Tuning,
         "limits": Limits,
         "metrics": Metrics,
+        "policy": Policy,
+        "policy.rules[0]": Rule,
     }
     for section, struct in expected.items():
-        table = raw[section] if section else raw
+        table: Any = raw
+        for part in filter(None, section.replace("[0]", "").split(".")):
+            table = table[part]
+        if section.endswith("[0]"):
+            table = table[0]
         missing = {f.encode_name for f in msgspec.structs.fields(struct)} - set(table)
         assert not missing, f"the example's [{section}] leaves out {sorted(missing)}"
 
@@ -204,5 +224,5 @@ def test_redis_cli_examples_are_accepted(argv: list[str]) -> None:
     assert len(pairs) % 2 == 0
     fields = {pairs[i].encode(): pairs[i + 1].encode() for i in range(0, len(pairs), 2)}
     invalidation = parse_entry("1-0", fields, Limits())
-    assert invalidation.keys
+    assert invalidation.keys or invalidation.pattern
     assert all(key.strip() == key for key in invalidation.keys)
