@@ -15,6 +15,7 @@ import redis.asyncio
 from gateway.config import RegionConfig, parse_config
 from gateway.metrics import Metrics
 from gateway.service import Gateway
+from tests.processes import Processes
 from tests.servers import RedisServer, redis_servers
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -23,6 +24,29 @@ REGIONS = ("us-east", "eu-west", "ap-south")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+PROCESSES = pytest.StashKey[Processes]()
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
+    """Gateways run as child processes; all stopped at the end, their logs shown on failure."""
+    made = Processes(tmp_path)
+    request.node.stash[PROCESSES] = made
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    report: Any = yield
+    if report.failed and PROCESSES in item.stash:
+        for name, log in item.stash[PROCESSES].logs():
+            report.sections.append((f"gateway {name} log ({report.when})", log))
+    return report  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
