@@ -101,14 +101,16 @@ class Stage:
             return
         next_claim = time.monotonic() + self.claim_interval_ms / 1000
         failures = 0
+        interrupted = False
         while not self.drain.requested:
             try:
                 if time.monotonic() >= next_claim:
                     await self._claim(self.claim_idle_ms)
                     next_claim = time.monotonic() + self.claim_interval_ms / 1000
                 entries: list[Entry] = []
-                with self.drain.interruptible():
+                with self.drain.interruptible() as wait:
                     entries = await self.reader.read()
+                interrupted = wait.cancelled_caught
                 if entries:
                     await self.handle(entries)
                 elif self.idle is not None and not self.drain.requested:
@@ -119,7 +121,24 @@ class Stage:
                 self._failed(exc, failures)
                 self.reader.rewind()
                 await self.drain.sleep(backoff_seconds(failures, cap_ms=self.backoff_cap_ms))
+        if interrupted:
+            await self._finish_pending()
         log.info("%s: drained", self.name)
+
+    async def _finish_pending(self) -> None:
+        """Handle what a read cut short by the drain may have left in this consumer's pending list.
+
+        Redis moves entries into the pending list when it sends them; if the drain cancelled the
+        read after that, they would wait for the next start. One pass over the pending list
+        (no blocking) handles them now, so a drained consumer leaves nothing pending.
+        """
+        self.reader.rewind()
+        try:
+            while entries := await self.reader.read():
+                await self.handle(entries)
+        except REDIS_ERRORS as exc:
+            self.on_error(exc)
+            log.warning("%s: pending entries left for the next start: %s", self.name, exc)
 
     async def _start(self) -> None:
         if await self.reader.ensure_group():
