@@ -91,13 +91,15 @@ class Gateway:
         local_clock = ServerClock()
         peer_clocks = {name: ServerClock() for name in peers}
         epoch = Epoch(local, names.epoch)
+        statuses: dict[str, LinkStatus] = {}
         ready = await until_ok(
-            partial(self._prepare, epoch, local_clock, local),
+            partial(self._prepare, epoch, local_clock, local, statuses, [region, *peers]),
             self.drain,
             name=f"{region}: connect",
             on_error=on_error("connect"),
         )
-        if not ready:
+        if not ready:  # drained before the region's Redis could be reached
+            task_status.started()
             return
         cache = Cache(cache_client)
         dead = DeadLetters(
@@ -108,7 +110,6 @@ class Gateway:
             metrics=metrics,
         )
         gaps = Gaps(local, names.gaps, region=region, metrics=metrics)
-        statuses = await self._load_statuses(local, [region, *peers])
         tuning = config.gateway
         consumer = config.consumer
 
@@ -172,9 +173,16 @@ class Gateway:
                 mirror_max_len=config.streams.mirror_max_len,
                 heartbeat_interval_ms=tuning.heartbeat_interval_ms,
             )
-            await forwarder.load()
             self.forwarders[peer.name] = forwarder
-            stages.append(stage(f"to:{peer.name}", forward_reader, forwarder, idle=forwarder.idle))
+            stages.append(
+                stage(
+                    f"to:{peer.name}",
+                    forward_reader,
+                    forwarder,
+                    idle=forwarder.idle,
+                    prepare=forwarder.load,
+                )
+            )
             mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, on_recreated=False)
             mirror = MirrorApplier(
                 region=region,
@@ -256,9 +264,18 @@ class Gateway:
                 await status()
             chores.cancel_scope.cancel()
 
-    async def _prepare(self, epoch: Epoch, clock: ServerClock, local: AsyncRedis) -> None:
+    async def _prepare(
+        self,
+        epoch: Epoch,
+        clock: ServerClock,
+        local: AsyncRedis,
+        statuses: dict[str, LinkStatus],
+        origins: list[str],
+    ) -> None:
+        """What every stage needs from the region's Redis before it starts (retried until ok)."""
         await epoch.load()
         await sample_clock(clock, local)
+        statuses.update(await self._load_statuses(local, origins))
 
     async def _load_statuses(self, local: AsyncRedis, origins: list[str]) -> dict[str, LinkStatus]:
         saved = await local.hgetall(self.names.status)

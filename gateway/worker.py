@@ -70,6 +70,7 @@ class Stage:
         drain: Drain,
         on_error: Callable[[Exception], None],
         idle: Callable[[], Awaitable[None]] | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
         claim_interval_ms: int,
         claim_idle_ms: int,
         backoff_cap_ms: int,
@@ -80,6 +81,8 @@ class Stage:
         self.drain = drain
         self.on_error = on_error
         self.idle = idle
+        self.prepare = prepare
+        """Loads the handler's state from Redis before the first batch (retried like reads)."""
         self.claim_interval_ms = claim_interval_ms
         self.claim_idle_ms = claim_idle_ms
         self.backoff_cap_ms = backoff_cap_ms
@@ -141,6 +144,8 @@ class Stage:
             log.warning("%s: pending entries left for the next start: %s", self.name, exc)
 
     async def _start(self) -> None:
+        if self.prepare is not None:
+            await self.prepare()
         if await self.reader.ensure_group():
             log.info("%s: created consumer group %r", self.name, self.reader.group)
         await self._claim(0)

@@ -81,6 +81,38 @@ def test_second_signal_exits_at_once(
     assert "stopping now" in gateway.log()
 
 
+@pytest.mark.e2e
+def test_signal_during_start_up_exits_0(namespace: str, processes: Processes) -> None:
+    """A gateway whose Redis cannot be reached yet still stops cleanly when asked to."""
+    from gateway.localredis import free_port
+
+    urls = {region: f"redis://127.0.0.1:{free_port()}/0" for region in REGIONS}
+    gateway = processes.add("us-east", make_configs(urls, namespace)["us-east"]).start()
+    gateway.wait_for_log("retrying")
+    gateway.send(signal.SIGTERM)
+    assert gateway.wait(seconds=5) == 0
+
+
+@pytest.mark.anyio
+async def test_drain_during_start_up_returns_cleanly(namespace: str) -> None:
+    """``Gateway.run`` started in a task group and drained before it could connect."""
+    from gateway.localredis import free_port
+
+    urls = {region: f"redis://127.0.0.1:{free_port()}/0" for region in REGIONS}
+    gateway = Gateway(make_configs(urls, namespace)["us-east"], metrics=Metrics("us-east"))
+
+    async def drain_after_first_failure() -> None:
+        errors = gateway.metrics.redis_errors.labels("us-east", "us-east")
+        while errors._value.get() == 0:  # noqa: ASYNC110 - test probe of a counter
+            await anyio.sleep(0.01)
+        gateway.request_drain()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_after_first_failure)
+            await tg.start(gateway.run)
+
+
 @pytest.mark.anyio
 async def test_cancelled_blocking_read_leaves_client_usable(
     configs: dict[str, RegionConfig],
