@@ -67,7 +67,7 @@ class GatewayProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touch the child
+                preexec_fn=_die_with_parent,
             )
         return self
 
@@ -204,9 +204,9 @@ def cache_keys(clients: Iterable[redis.Redis], keys: Sequence[str], *, chunk: in
             client.mset(dict.fromkeys(keys[start : start + chunk], b"cached"))
 
 
-def remaining(client: redis.Redis, keys: Sequence[str], *, chunk: int = 5000) -> int:
-    """How many of ``keys`` still exist."""
-    return sum(
+def all_gone(client: redis.Redis, keys: Sequence[str], *, chunk: int = 5000) -> bool:
+    """None of ``keys`` exists any more."""
+    return not any(
         int(client.exists(*keys[start : start + chunk])) for start in range(0, len(keys), chunk)
     )
 

@@ -66,9 +66,7 @@ def test_second_signal_exits_at_once(
     urls = {region: server.url for region, server in zip(REGIONS, own_servers, strict=True)}
     configs = make_configs(urls, namespace, redis={"socket_timeout_ms": 10_000})
     gateway = processes.add("us-east", configs["us-east"]).start().wait_ready()
-    redis_process = own_servers[0]._process
-    assert redis_process is not None and redis_process.process is not None
-    redis_process.process.send_signal(signal.SIGSTOP)  # the region's Redis hangs: drains stall
+    own_servers[0].pause()  # the region's Redis hangs: the drain stalls
     try:
         gateway.send(signum)
         gateway.wait_for_log("draining")
@@ -77,7 +75,7 @@ def test_second_signal_exits_at_once(
         assert gateway.wait(seconds=5) == 128 + signum
         assert time.monotonic() - sent < 3
     finally:
-        redis_process.process.send_signal(signal.SIGCONT)
+        own_servers[0].resume()
     assert "stopping now" in gateway.log()
 
 
@@ -142,4 +140,3 @@ async def test_cancelled_blocking_read_leaves_client_usable(
         assert entries[0][1][b"keys"] == b"k"
     finally:
         await client.aclose()
-
