@@ -12,7 +12,7 @@ from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
 from gateway.lag import LagWindow, LinkStatus, ack_with_status
 from gateway.metrics import Metrics
-from proto import Invalidation, InvalidEntry, Limits, parse_entry
+from proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class LocalApplier:
             await self.gaps.record(
                 self.region,
                 "local entries deleted before they were applied",
-                after=lost[0].decode(),
+                after=str(StreamId.parse(lost[0]).previous()),
                 upto=lost[-1].decode(),
             )
         keys = [key for invalidation in valid for key in invalidation.keys]

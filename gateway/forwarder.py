@@ -109,7 +109,7 @@ class Forwarder:
     async def __call__(self, entries: Sequence[Entry]) -> None:
         valid, _dead, lost = parse_batch(entries, self.limits)
         if lost:
-            self.note_gap(lost[0].decode(), lost[-1].decode())
+            self.note_gap(str(StreamId.parse(lost[0]).previous()), lost[-1].decode())
         epoch = self.epoch.value
         gap = self.pending_gap
         if valid or gap:
@@ -159,8 +159,21 @@ class Forwarder:
             upto = max(upto, self.pending_gap[1], key=StreamId.parse)
         self.pending_gap = (after, upto)
         log.warning(
-            "%s: entries after %s up to %s were trimmed before delivery", self.peer, after, upto
+            "%s: entries after %s up to %s were deleted before delivery", self.peer, after, upto
         )
+
+    async def add_gap(self, after: str, upto: str) -> None:
+        """:meth:`note_gap`, kept in the link state too, so that a restart still sends it."""
+        self.note_gap(after, upto)
+        if self.pending_gap is not None:
+            gap_after, gap_upto = self.pending_gap
+            await self.local.hset(
+                self._link_key, mapping={"gap_after": gap_after, "gap_upto": gap_upto}
+            )
+
+    async def entries_lost(self, ids: list[bytes]) -> None:
+        """Pending entries whose data was deleted before they were sent (found by XAUTOCLAIM)."""
+        await self.add_gap(str(StreamId.parse(ids[0]).previous()), ids[-1].decode())
 
     async def _send(self, kind: str, envelope: Envelope, last: str) -> bool:
         """Append ``envelope`` on the peer; False if the peer already had this batch."""

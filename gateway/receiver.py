@@ -109,7 +109,7 @@ class MirrorApplier:
                 status.gaps += 1
                 await self.gaps.record(
                     self.origin,
-                    "the origin trimmed entries before delivering them",
+                    "the origin lost entries before it could send them (trimmed, or deleted)",
                     after=envelope.gap_from,
                     upto=envelope.gap_to,
                 )

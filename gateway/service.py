@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
 from gateway.receiver import MirrorApplier
 from gateway.worker import Drain, Stage, until_ok
+from proto import StreamId
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Gateway:
                 handler,  # type: ignore[arg-type]
                 drain=self.drain,
                 on_error=on_error(name),
+                on_claimed=metrics.reclaimed.labels(region, name).inc,
                 claim_interval_ms=tuning.claim_interval_ms,
                 claim_idle_ms=tuning.claim_idle_ms,
                 backoff_cap_ms=tuning.retry_backoff_cap_ms,
@@ -155,7 +157,16 @@ class Gateway:
             status=statuses[region],
             status_key=names.status,
         )
-        stages.append(stage("apply", apply_reader, local_applier))
+
+        async def local_entries_lost(ids: list[bytes]) -> None:
+            await gaps.record(
+                region,
+                "local entries deleted before they were applied",
+                after=str(StreamId.parse(ids[0]).previous()),
+                upto=ids[-1].decode(),
+            )
+
+        stages.append(stage("apply", apply_reader, local_applier, on_lost=local_entries_lost))
         sources = [StatusSource(statuses[region], local_applier.window, local_clock.now_ms)]
         for peer in config.peers:
             forward_reader = reader(names.local_stream, forward_group(peer.name))
@@ -181,6 +192,7 @@ class Gateway:
                     forwarder,
                     idle=forwarder.idle,
                     prepare=forwarder.load,
+                    on_lost=forwarder.entries_lost,
                 )
             )
             mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, on_recreated=False)
@@ -211,10 +223,7 @@ class Gateway:
             if group == APPLY_GROUP:
                 await gaps.record(region, "trimmed before local apply", after=after, upto=upto)
             elif group.startswith("to:") and group[3:] in self.forwarders:
-                await local.hset(
-                    names.link(group[3:]), mapping={"gap_after": after, "gap_upto": upto}
-                )
-                self.forwarders[group[3:]].note_gap(after, upto)
+                await self.forwarders[group[3:]].add_gap(after, upto)
 
         async def trim() -> None:
             positions = await trim_stream(

@@ -71,6 +71,8 @@ class Stage:
         on_error: Callable[[Exception], None],
         idle: Callable[[], Awaitable[None]] | None = None,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        on_claimed: Callable[[int], None] | None = None,
+        on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
         claim_interval_ms: int,
         claim_idle_ms: int,
         backoff_cap_ms: int,
@@ -86,7 +88,10 @@ class Stage:
         self.claim_interval_ms = claim_interval_ms
         self.claim_idle_ms = claim_idle_ms
         self.backoff_cap_ms = backoff_cap_ms
-        self.on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self.on_claimed = on_claimed
+        """Told how many pending entries of other (dead) consumers were taken over."""
+        self.on_lost = on_lost
+        """Given the IDs of pending entries whose data was deleted before they were handled."""
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -154,8 +159,18 @@ class Stage:
         claimed, lost = await self.reader.claim(min_idle_ms)
         if claimed:
             log.info("%s: took over %d pending entries", self.name, claimed)
-        if lost and self.on_lost is not None:
-            await self.on_lost(lost)
+            if self.on_claimed is not None:
+                self.on_claimed(claimed)
+        if lost:
+            log.warning(
+                "%s: %d pending entries were deleted before they were handled (%s … %s)",
+                self.name,
+                len(lost),
+                lost[0].decode(),
+                lost[-1].decode(),
+            )
+            if self.on_lost is not None:
+                await self.on_lost(lost)
 
     def _failed(self, exc: Exception, failures: int) -> None:
         self.on_error(exc)

@@ -219,3 +219,11 @@ async def wait_gone(
         return int(await client.exists(*keys)) == 0
 
     await wait_until(gone, seconds=seconds, what=f"{len(keys)} keys to be gone in {region}")
+
+
+async def stream_entries(
+    client: redis.asyncio.Redis, stream: str
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of ``stream`` (XRANGE - +), typed for the tests."""
+    entries: Any = await client.xrange(stream)
+    return [(entry_id, dict(fields)) for entry_id, fields in entries]
