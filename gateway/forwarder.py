@@ -88,7 +88,8 @@ class Forwarder:
         self._mirror_keys = [names.mirror(region), names.mirror_state(region)]
         self._append = remote.register_script(APPEND_SCRIPT)
         self.last = "0-0"
-        """Origin ID of the last invalidation delivered to the peer."""
+        """Origin ID of the last invalidation delivered to the peer, in epoch ``_last_epoch``."""
+        self._last_epoch = ""
         self.last_sent_ms = 0.0
         self.pending_gap: tuple[str, str] | None = None
         self._forwarded = metrics.forwarded.labels(region, peer)
@@ -99,6 +100,7 @@ class Forwarder:
     async def load(self) -> None:
         """Resume from what the link state in the local Redis says was delivered."""
         state: dict[Any, Any] = await self.local.hgetall(self._link_key)
+        self._last_epoch = self.epoch.value
         if state.get(b"epoch", b"").decode() == self.epoch.value:
             self.last = state.get(b"last", b"0-0").decode()
         else:
@@ -110,7 +112,7 @@ class Forwarder:
         valid, _dead, lost = parse_batch(entries, self.limits)
         if lost:
             self.note_gap(str(StreamId.parse(lost[0]).previous()), lost[-1].decode())
-        epoch = self.epoch.value
+        epoch = self._follow_epoch()
         gap = self.pending_gap
         if valid or gap:
             batch = Batch(
@@ -147,10 +149,16 @@ class Forwarder:
         now = self.clock.now_ms()
         if now - self.last_sent_ms < self.heartbeat_interval_ms:
             return
-        heartbeat = Heartbeat(
-            origin=self.region, epoch=self.epoch.value, last=self.last, sent_ms=int(now)
-        )
+        epoch = self._follow_epoch()
+        heartbeat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
         await self._send("notice", heartbeat, self.last)
+
+    def _follow_epoch(self) -> str:
+        """The current epoch; when it changed (the stream was lost), nothing is delivered in it."""
+        epoch = self.epoch.value
+        if epoch != self._last_epoch:
+            self._last_epoch, self.last = epoch, "0-0"
+        return epoch
 
     def note_gap(self, after: str, upto: str) -> None:
         """Entries this peer never received were deleted: tell it with the next envelope."""
@@ -180,7 +188,7 @@ class Forwarder:
         try:
             reply = await self._append(
                 keys=self._mirror_keys,
-                args=[kind, self.epoch.value, last, encode_envelope(envelope), self.mirror_max_len],
+                args=[kind, envelope.epoch, last, encode_envelope(envelope), self.mirror_max_len],
             )
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._link_up.set(0)

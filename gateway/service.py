@@ -28,7 +28,7 @@ from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
 from gateway.connections import AsyncRedis, connect
 from gateway.deadletter import DeadLetters
-from gateway.epoch import Epoch
+from gateway.epoch import Epoch, EpochWatch
 from gateway.forwarder import Forwarder
 from gateway.gaps import Gaps
 from gateway.groups import GroupReader
@@ -114,11 +114,16 @@ class Gateway:
         tuning = config.gateway
         consumer = config.consumer
 
-        async def rotate_epoch() -> None:
-            metrics.groups_recreated.labels(region, "local").inc()
-            await epoch.rotate(epoch.value)
+        def reader(stream: str, group: str, stage_name: str) -> GroupReader:
+            """A reader whose lost group is counted; on the local stream it also means lost
+            history, hence a new epoch (peers record the gap)."""
+            watch = EpochWatch(epoch) if stream == names.local_stream else None
 
-        def reader(stream: str, group: str, *, on_recreated: bool = True) -> GroupReader:
+            async def recreated() -> None:
+                metrics.groups_recreated.labels(region, stage_name).inc()
+                if watch is not None:
+                    await watch.history_lost()
+
             return GroupReader(
                 reads,
                 stream,
@@ -126,7 +131,8 @@ class Gateway:
                 consumer,
                 count=tuning.batch_size,
                 block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
-                on_recreated=rotate_epoch if on_recreated else None,
+                on_recreated=recreated,
+                on_read=watch.read_ok if watch is not None else None,
             )
 
         def stage(name: str, group_reader: GroupReader, handler: object, **kw: object) -> Stage:
@@ -144,7 +150,7 @@ class Gateway:
             )
 
         stages: list[Stage] = []
-        apply_reader = reader(names.local_stream, APPLY_GROUP)
+        apply_reader = reader(names.local_stream, APPLY_GROUP, "apply")
         local_applier = LocalApplier(
             region=region,
             reader=apply_reader,
@@ -169,7 +175,7 @@ class Gateway:
         stages.append(stage("apply", apply_reader, local_applier, on_lost=local_entries_lost))
         sources = [StatusSource(statuses[region], local_applier.window, local_clock.now_ms)]
         for peer in config.peers:
-            forward_reader = reader(names.local_stream, forward_group(peer.name))
+            forward_reader = reader(names.local_stream, forward_group(peer.name), f"to:{peer.name}")
             forwarder = Forwarder(
                 region=region,
                 peer=peer.name,
@@ -195,7 +201,7 @@ class Gateway:
                     on_lost=forwarder.entries_lost,
                 )
             )
-            mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, on_recreated=False)
+            mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, f"from:{peer.name}")
             mirror = MirrorApplier(
                 region=region,
                 origin=peer.name,
