@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
+from gateway.epoch import Epoch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
 from gateway.lag import LagWindow, LinkStatus, ack_with_status
@@ -58,8 +59,10 @@ class LocalApplier:
         clock: ServerClock,
         status: LinkStatus,
         status_key: str,
+        epoch: Epoch,
     ) -> None:
         self.region = region
+        self.epoch = epoch
         self.reader = reader
         self.cache = cache
         self.dead_letters = dead_letters
@@ -88,6 +91,7 @@ class LocalApplier:
         removed = await self.cache.unlink(keys)
         if valid:
             self.status.last_id = valid[-1].id
+        self.status.epoch = self.epoch.value
         await ack_with_status(
             self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
         )

@@ -162,6 +162,7 @@ class Gateway:
             clock=local_clock,
             status=statuses[region],
             status_key=names.status,
+            epoch=epoch,
         )
 
         async def local_entries_lost(ids: list[bytes]) -> None:
@@ -255,6 +256,7 @@ class Gateway:
                 metrics.clock_offset.labels(region, name).set(offset / 1000)
 
         async def status() -> None:
+            statuses[region].epoch = epoch.value
             await publish_status(
                 local, names.status, sources, local_clock=local_clock, metrics=metrics
             )

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from gateway.lag import status_decoder
 from gateway.names import Names
 from gateway.service import Gateway
 from proto import entry_fields
@@ -92,6 +93,8 @@ async def test_deleted_stream_recreated_once_and_peers_record_one_gap(
             [gap] = await gaps_from(redis_by_region[peer], names, "us-east")
             assert b"new epoch" in gap[b"reason"]
         assert await gaps_from(east, names, "us-east") == []
+        status = status_decoder.decode((await east.hgetall(names.status))[b"us-east"])
+        assert status.epoch == new_epoch.decode()
     assert "consumer group 'apply' of stream" in caplog.text
     assert caplog.text.count("stream history was lost") == 1
 
