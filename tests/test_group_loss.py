@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio
 
+from gateway.config import RedisEndpoint
 from gateway.lag import status_decoder
+from gateway.localredis import RedisProcess
 from gateway.names import Names
 from gateway.service import Gateway
 from proto import entry_fields
@@ -151,3 +154,40 @@ async def test_peer_that_lost_undelivered_mirror_entries_records_a_gap(
                 return bool(await gaps_from(west, names, "us-east"))
 
             await wait_until(gap_recorded, what="eu-west to record a gap for us-east")
+
+
+async def test_receiver_does_not_count_as_applied_what_it_failed_to_apply(
+    own_servers: list[RedisServer], namespace: str
+) -> None:
+    """eu-west reads envelopes but cannot reach its cache; then its Redis restarts empty and
+    the envelopes are gone. They were never applied, so eu-west must record a gap for them."""
+    configs = make_configs(urls_of(own_servers), namespace)
+    cache = RedisProcess()
+    west_config = msgspec.structs.replace(
+        configs["eu-west"],
+        cache=RedisEndpoint(
+            url=cache.url, socket_timeout_ms=500, connect_timeout_ms=200, retries=0
+        ),
+    )
+    configs = {**configs, "eu-west": west_config}
+    names = Names(namespace, configs["us-east"].streams.local)
+    try:
+        async with clients(configs) as redis_by_region, running(configs) as gateways:
+            east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+            await east.xadd(names.local_stream, entry_fields([f"{namespace}:k"]))  # type: ignore[arg-type]
+            errors = gateways["eu-west"].metrics.redis_errors.labels("eu-west", "eu-west")
+
+            async def failing_to_apply() -> bool:
+                return bool(errors._value.get() >= 2)
+
+            await wait_until(failing_to_apply, what="eu-west to fail to apply")
+            own_servers[1].kill()
+            own_servers[1].restart()
+            cache.start()
+
+            async def gap_recorded() -> bool:
+                return bool(await gaps_from(west, names, "us-east"))
+
+            await wait_until(gap_recorded, what="eu-west to record a gap for us-east")
+    finally:
+        cache.cleanup()
