@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis
 
 from gateway.applier import parse_batch
@@ -54,6 +55,15 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
 return {'ok', last or '0-0'}
 """
 
+CLEAR_GAP_SCRIPT = """
+-- KEYS[1] link state hash; ARGV[1], ARGV[2] the gap that was delivered
+if redis.call('HGET', KEYS[1], 'gap_after') == ARGV[1]
+    and redis.call('HGET', KEYS[1], 'gap_upto') == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], 'gap_after', 'gap_upto')
+end
+return 0
+"""
+
 
 class Forwarder:
     """Handler of the ``to:<peer>`` group: delivers batches to one peer's mirror stream."""
@@ -87,6 +97,7 @@ class Forwarder:
         self._link_key = names.link(peer)
         self._mirror_keys = [names.mirror(region), names.mirror_state(region)]
         self._append = remote.register_script(APPEND_SCRIPT)
+        self._clear_gap = local.register_script(CLEAR_GAP_SCRIPT)
         self.last = "0-0"
         """Origin ID of the last invalidation delivered to the peer, in epoch ``_last_epoch``."""
         self._last_epoch = ""
@@ -132,12 +143,15 @@ class Forwarder:
             elif valid:
                 self._duplicates.inc()
                 log.info("%s: batch up to %s was already delivered", self.peer, last)
+                if gap:  # the peer did not append the batch, so not its gap either
+                    await self._send("notice", msgspec.structs.replace(batch, events=[]), last)
             if valid and StreamId.parse(last) > StreamId.parse(self.last):
                 self.last = last
         async with self.local.pipeline(transaction=False) as pipe:
             pipe.hset(self._link_key, mapping={"epoch": epoch, "last": self.last})
             if gap:
-                pipe.hdel(self._link_key, "gap_after", "gap_upto")
+                # Only the gap just delivered: one noted meanwhile (by trimming) must stay.
+                await self._clear_gap(keys=[self._link_key], args=list(gap), client=pipe)
             pipe.xack(self.reader.stream, self.reader.group, *[entry_id for entry_id, _ in entries])
             await pipe.execute()
         if gap == self.pending_gap:

@@ -15,9 +15,14 @@ import msgspec
 import pytest
 import redis.asyncio
 
+from gateway.clock import ServerClock
 from gateway.config import RegionConfig
+from gateway.epoch import Epoch
+from gateway.forwarder import Forwarder
+from gateway.groups import Entry, GroupReader
+from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
-from proto import Batch, StreamId, decode_envelope, entry_fields
+from proto import Batch, Limits, StreamId, decode_envelope, entry_fields
 from tests.conftest import (
     REGIONS,
     clients,
@@ -273,3 +278,66 @@ async def test_pending_entries_deleted_before_handling_become_gaps(
                 assert StreamId.parse(ids[0]) <= after < StreamId.parse(ids[1])
             # keys[1] was never applied anywhere: the gap is what tells the operator to resync
             assert await east.exists(keys[1]) == 1
+
+
+@pytest.mark.anyio
+async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """A forwarder restarted after a crash re-sends its last batch, now carrying a gap noted
+    meanwhile. The peer drops the batch as a duplicate; the gap must reach it all the same."""
+    names = Names(namespace, configs["us-east"].streams.local)
+    stream = names.local_stream
+    async with clients(configs) as redis_by_region:
+        east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+        epoch = Epoch(east, names.epoch)
+        await epoch.load()
+        clock = ServerClock()
+        await clock.sample(east)
+        reader = GroupReader(east, stream, forward_group("eu-west"), "t", count=10, block_ms=100)
+        await reader.ensure_group()
+        metrics = Metrics("us-east")
+
+        def forwarder() -> Forwarder:
+            return Forwarder(
+                region="us-east",
+                peer="eu-west",
+                reader=reader,
+                local=east,
+                remote=west,
+                names=names,
+                epoch=epoch,
+                clock=clock,
+                metrics=metrics,
+                limits=Limits(),
+                mirror_max_len=1000,
+                heartbeat_interval_ms=1000,
+            )
+
+        async def next_batch() -> list[Entry]:
+            entries = await reader.read()
+            return entries or await reader.read()
+
+        for i in range(3):
+            await east.xadd(stream, entry_fields([f"{namespace}:k{i}"]))  # type: ignore[arg-type]
+        first = forwarder()
+        await first.load()
+        await first(await next_batch())
+        # The acknowledgement is lost (crash): the group hands the same entries out again.
+        await east.xgroup_setid(stream, forward_group("eu-west"), "0")
+        second = forwarder()
+        await second.load()
+        await second.add_gap("1-0", "1-5")
+        await second(await next_batch())
+
+        assert metrics.duplicates.labels("us-east", "eu-west")._value.get() == 1
+        envelopes = [
+            decode_envelope(fields[b"d"])
+            for _, fields in await stream_entries(west, names.mirror("us-east"))
+        ]
+        assert [len(e.events) for e in envelopes if isinstance(e, Batch)] == [3, 0]
+        assert [(e.gap_from, e.gap_to) for e in envelopes if isinstance(e, Batch)] == [
+            (None, None),
+            ("1-0", "1-5"),
+        ]
+        assert set(await east.hgetall(names.link("eu-west"))) == {b"epoch", b"last"}
