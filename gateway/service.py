@@ -234,7 +234,11 @@ class Gateway:
 
         async def trim() -> None:
             positions = await trim_stream(
-                local, names.local_stream, max_len=config.streams.max_len, on_gap=on_local_gap
+                local,
+                names.local_stream,
+                max_len=config.streams.max_len,
+                on_gap=on_local_gap,
+                groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
             )
             for position in positions:
                 backlog = position.pending + (position.lag or 0)

@@ -20,6 +20,7 @@ from gateway.config import RegionConfig
 from gateway.epoch import Epoch
 from gateway.forwarder import Forwarder
 from gateway.groups import Entry, GroupReader
+from gateway.housekeeping import trim_stream
 from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
 from proto import Batch, Limits, StreamId, decode_envelope, entry_fields
@@ -341,3 +342,26 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
             ("1-0", "1-5"),
         ]
         assert set(await east.hgetall(names.link("eu-west"))) == {b"epoch", b"last"}
+
+
+@pytest.mark.anyio
+async def test_trim_waits_for_every_group(configs: dict[str, RegionConfig]) -> None:
+    """While a peer's group is missing (being recreated after the stream was lost), the groups
+    that exist must not decide what is trimmed: the missing one still needs every entry."""
+    stream = configs["us-east"].streams.local
+    needed = [APPLY_GROUP, forward_group("eu-west")]
+    async with clients(configs) as redis_by_region:
+        east = redis_by_region["us-east"]
+        for start in range(0, 1000, 250):
+            async with east.pipeline(transaction=False) as pipe:
+                for i in range(start, start + 250):
+                    pipe.xadd(stream, entry_fields([f"k{i}"]))  # type: ignore[arg-type]
+                await pipe.execute()
+        await east.xgroup_create(stream, APPLY_GROUP, id="$")  # has read and acked everything
+
+        await trim_stream(east, stream, max_len=100_000, groups_needed=needed)
+        assert await east.xlen(stream) == 1000
+
+        await east.xgroup_create(stream, forward_group("eu-west"), id="$")
+        await trim_stream(east, stream, max_len=100_000, groups_needed=needed)
+        assert await east.xlen(stream) < 1000
