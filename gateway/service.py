@@ -26,7 +26,7 @@ from gateway.applier import LocalApplier
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
 from gateway.deadletter import DeadLetters
 from gateway.epoch import Epoch, EpochWatch
 from gateway.forwarder import Forwarder
@@ -282,7 +282,10 @@ class Gateway:
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
-                await status()
+                try:
+                    await status()  # the last word on what was applied
+                except REDIS_ERRORS as exc:
+                    log.warning("could not save the final status: %s", exc)
             chores.cancel_scope.cancel()
 
     async def _prepare(

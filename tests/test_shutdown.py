@@ -140,3 +140,18 @@ async def test_cancelled_blocking_read_leaves_client_usable(
         assert entries[0][1][b"keys"] == b"k"
     finally:
         await client.aclose()
+
+
+@pytest.mark.e2e
+def test_drain_while_the_region_redis_is_down_exits_0(
+    own_servers: list[RedisServer], namespace: str, processes: Processes
+) -> None:
+    """Nothing is in hand when the region's Redis is gone: the drain still ends cleanly."""
+    urls = {region: server.url for region, server in zip(REGIONS, own_servers, strict=True)}
+    gateway = processes.add("us-east", make_configs(urls, namespace)["us-east"])
+    gateway.start().wait_ready()
+    own_servers[0].kill()
+    gateway.wait_for_log("retrying")
+    gateway.send(signal.SIGTERM)
+    assert gateway.wait(seconds=8) == 0
+    assert "Traceback" not in gateway.log()
