@@ -227,3 +227,9 @@ async def stream_entries(
     """Every entry of ``stream`` (XRANGE - +), typed for the tests."""
     entries: Any = await client.xrange(stream)
     return [(entry_id, dict(fields)) for entry_id, fields in entries]
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The exported value of ``name`` (as Prometheus scrapes it) for ``labels``; 0 if unset."""
+    value = gateway.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

@@ -28,6 +28,7 @@ from tests.conftest import (
     REGIONS,
     clients,
     make_configs,
+    metric,
     running,
     stream_entries,
     wait_gone,
@@ -121,9 +122,14 @@ async def test_periodic_claim_takes_over_a_dead_consumers_entries(
 
         for region, client in redis_by_region.items():
             await wait_gone(client, keys, region=region)
-        reclaimed = gateways["us-east"].metrics.reclaimed
-        assert reclaimed.labels("us-east", APPLY_GROUP)._value.get() == 10
-        assert reclaimed.labels("us-east", forward_group("eu-west"))._value.get() == 10
+        for stage in ("apply", "to:eu-west", "to:ap-south"):
+            reclaimed = metric(
+                gateways["us-east"],
+                "invalgw_entries_reclaimed_total",
+                region="us-east",
+                group=stage,
+            )
+            assert reclaimed == 10, stage
 
         async def nothing_pending() -> bool:
             summary = await east.xpending(stream, APPLY_GROUP)
@@ -175,9 +181,10 @@ async def test_resent_batch_is_recognised_as_duplicate(
                 return int(group["pending"]) == 0 and group["lag"] == 0
 
             await wait_until(caught_up, what="us-east to have re-sent everything to eu-west")
-            metrics = gateways["us-east"].metrics
-            assert metrics.duplicates.labels("us-east", "eu-west")._value.get() >= 2
-            assert metrics.forwarded.labels("us-east", "eu-west")._value.get() == 0
+            link = {"region": "us-east", "peer": "eu-west"}
+            east_gateway = gateways["us-east"]
+            assert metric(east_gateway, "invalgw_duplicate_batches_total", **link) >= 2
+            assert metric(east_gateway, "invalgw_invalidations_forwarded_total", **link) == 0
         assert await mirror_events(west, names.mirror("us-east")) == sent
 
 
@@ -218,10 +225,15 @@ async def test_mirrored_invalidations_are_never_forwarded_again(
                         assert decode_envelope(fields[b"d"]).origin == origin
                     events = await mirror_events(client, mirror)
                     assert len(events) == written[origin], (region, origin)
-                forwarded = gateways[region].metrics.forwarded
                 for peer in REGIONS:
                     if peer != region:
-                        assert forwarded.labels(region, peer)._value.get() == written[region]
+                        forwarded = metric(
+                            gateways[region],
+                            "invalgw_invalidations_forwarded_total",
+                            region=region,
+                            peer=peer,
+                        )
+                        assert forwarded == written[region], (region, peer)
 
         await check()
         # Let several heartbeat rounds pass: a loop would keep adding entries.
@@ -331,7 +343,10 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
         await second.add_gap("1-0", "1-5")
         await second(await next_batch())
 
-        assert metrics.duplicates.labels("us-east", "eu-west")._value.get() == 1
+        duplicates = metrics.registry.get_sample_value(
+            "invalgw_duplicate_batches_total", {"region": "us-east", "peer": "eu-west"}
+        )
+        assert duplicates == 1
         envelopes = [
             decode_envelope(fields[b"d"])
             for _, fields in await stream_entries(west, names.mirror("us-east"))
@@ -365,3 +380,28 @@ async def test_trim_waits_for_every_group(configs: dict[str, RegionConfig]) -> N
         await east.xgroup_create(stream, forward_group("eu-west"), id="$")
         await trim_stream(east, stream, max_len=100_000, groups_needed=needed)
         assert await east.xlen(stream) < 1000
+
+
+@pytest.mark.anyio
+async def test_receiver_restart_loses_nothing_and_records_no_gap(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    configs = make_configs(urls_of(session_servers), namespace)
+    names = Names(namespace, configs["us-east"].streams.local)
+    before = [f"{namespace}:before:{i}" for i in range(30)]
+    during = [f"{namespace}:during:{i}" for i in range(30)]
+    async with clients(configs) as redis_by_region, running(configs, "us-east", "ap-south"):
+        east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+        for client in redis_by_region.values():
+            await client.mset(dict.fromkeys(before + during, "cached"))
+        async with running(configs, "eu-west"):
+            for key in before:
+                await east.xadd(names.local_stream, entry_fields([key]))  # type: ignore[arg-type]
+            await wait_gone(west, before, region="eu-west")
+        for key in during:  # eu-west's gateway is down: delivered to its mirror, not applied
+            await east.xadd(names.local_stream, entry_fields([key]))  # type: ignore[arg-type]
+        async with running(configs, "eu-west"):
+            for region, client in redis_by_region.items():
+                await wait_gone(client, during, region=region)
+        for client in redis_by_region.values():
+            assert await client.xlen(names.gaps) == 0

@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 
 from gateway.names import APPLY_GROUP, Names
 from proto import Batch, Heartbeat, InvalidEntry, Limits, encode_envelope, entry_fields, parse_entry
-from tests.conftest import REGIONS, clients, make_configs, running, stream_entries, wait_gone
+from tests.conftest import (
+    REGIONS,
+    clients,
+    make_configs,
+    metric,
+    running,
+    stream_entries,
+    wait_gone,
+)
 from tests.processes import GatewayProcess, Processes, all_gone, settled, sync_client, wait_for
 from tests.servers import RedisServer
 
@@ -77,8 +85,10 @@ async def test_bad_entries_are_dead_lettered_and_the_rest_applied(
             assert letter[b"dead.stream"] == names.local_stream.encode()
             assert letter[b"dead.region"] == b"us-east"
             assert letter[b"dead.reason"], code
-            counter = gateways["us-east"].metrics.dead_letters.labels("us-east", code)
-            assert counter._value.get() == 1, code
+            counted = metric(
+                gateways["us-east"], "invalgw_dead_letters_total", region="us-east", reason=code
+            )
+            assert counted == 1, code
         summary = await east.xpending(names.local_stream, APPLY_GROUP)
         assert summary["pending"] == 0
         for region in ("eu-west", "ap-south"):  # dead letters stay in the region they came from

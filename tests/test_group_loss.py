@@ -20,6 +20,7 @@ from tests.conftest import (
     REGIONS,
     clients,
     make_configs,
+    metric,
     running,
     stream_entries,
     wait_gone,
@@ -64,10 +65,12 @@ async def invalidate_everywhere(
 
 
 def recreated(gateway: Gateway, stage: str) -> float:
-    value: float = gateway.metrics.groups_recreated.labels(
-        gateway.config.region, stage
-    )._value.get()
-    return value
+    return metric(
+        gateway,
+        "invalgw_consumer_groups_recreated_total",
+        region=gateway.config.region,
+        group=stage,
+    )
 
 
 async def test_deleted_stream_recreated_once_and_peers_record_one_gap(
@@ -175,10 +178,15 @@ async def test_receiver_does_not_count_as_applied_what_it_failed_to_apply(
         async with clients(configs) as redis_by_region, running(configs) as gateways:
             east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
             await east.xadd(names.local_stream, entry_fields([f"{namespace}:k"]))  # type: ignore[arg-type]
-            errors = gateways["eu-west"].metrics.redis_errors.labels("eu-west", "eu-west")
 
             async def failing_to_apply() -> bool:
-                return bool(errors._value.get() >= 2)
+                errors = metric(
+                    gateways["eu-west"],
+                    "invalgw_redis_errors_total",
+                    region="eu-west",
+                    target="eu-west",
+                )
+                return errors >= 2
 
             await wait_until(failing_to_apply, what="eu-west to fail to apply")
             own_servers[1].kill()

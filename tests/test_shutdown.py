@@ -16,7 +16,7 @@ from gateway.groups import GroupReader
 from gateway.metrics import Metrics
 from gateway.service import Gateway
 from proto import entry_fields
-from tests.conftest import REGIONS, make_configs
+from tests.conftest import REGIONS, make_configs, metric
 from tests.processes import Processes, groups, sync_client, wait_for, write_burst
 from tests.servers import RedisServer
 
@@ -100,8 +100,8 @@ async def test_drain_during_start_up_returns_cleanly(namespace: str) -> None:
     gateway = Gateway(make_configs(urls, namespace)["us-east"], metrics=Metrics("us-east"))
 
     async def drain_after_first_failure() -> None:
-        errors = gateway.metrics.redis_errors.labels("us-east", "us-east")
-        while errors._value.get() == 0:  # noqa: ASYNC110 - test probe of a counter
+        labels = {"region": "us-east", "target": "us-east"}
+        while not metric(gateway, "invalgw_redis_errors_total", **labels):  # noqa: ASYNC110
             await anyio.sleep(0.01)
         gateway.request_drain()
 
