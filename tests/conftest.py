@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,15 @@ def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proces
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
-    report: Any = yield
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the logs of a failed test's gateway processes to its report."""
+    report = yield
     if report.failed and PROCESSES in item.stash:
         for name, log in item.stash[PROCESSES].logs():
             report.sections.append((f"gateway {name} log ({report.when})", log))
-    return report  # type: ignore[no-any-return]
+    return report
 
 
 @pytest.fixture(scope="session")
