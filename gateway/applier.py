@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
+from gateway.epoch import Epoch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
 from gateway.lag import LagWindow, LinkStatus, ack_with_status
 from gateway.metrics import Metrics
-from proto import Invalidation, InvalidEntry, Limits, parse_entry
+from proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class LocalApplier:
         clock: ServerClock,
         status: LinkStatus,
         status_key: str,
+        epoch: Epoch,
     ) -> None:
         self.region = region
+        self.epoch = epoch
         self.reader = reader
         self.cache = cache
         self.dead_letters = dead_letters
@@ -81,13 +84,14 @@ class LocalApplier:
             await self.gaps.record(
                 self.region,
                 "local entries deleted before they were applied",
-                after=lost[0].decode(),
+                after=str(StreamId.parse(lost[0]).previous()),
                 upto=lost[-1].decode(),
             )
         keys = [key for invalidation in valid for key in invalidation.keys]
         removed = await self.cache.unlink(keys)
         if valid:
             self.status.last_id = valid[-1].id
+        self.status.epoch = self.epoch.value
         await ack_with_status(
             self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
         )

@@ -46,3 +46,22 @@ class Epoch:
             log.warning("stream history was lost; new epoch %s (was %s)", new, self.value)
         self.value = new
         return new
+
+
+class EpochWatch:
+    """One reader of the local stream: starts a new epoch when its group was lost, once per loss.
+
+    A lost stream (Redis restarted empty, or the key deleted) is noticed by every group of the
+    stream, one after the other. Each reader remembers the epoch it last read in; the first one
+    to notice the loss rotates, the others find the epoch already changed and keep it.
+    """
+
+    def __init__(self, epoch: Epoch) -> None:
+        self.epoch = epoch
+        self.seen = epoch.value
+
+    def read_ok(self) -> None:
+        self.seen = self.epoch.value
+
+    async def history_lost(self) -> None:
+        self.seen = await self.epoch.rotate(self.seen)

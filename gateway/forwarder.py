@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis
 
 from gateway.applier import parse_batch
@@ -54,6 +55,15 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
 return {'ok', last or '0-0'}
 """
 
+CLEAR_GAP_SCRIPT = """
+-- KEYS[1] link state hash; ARGV[1], ARGV[2] the gap that was delivered
+if redis.call('HGET', KEYS[1], 'gap_after') == ARGV[1]
+    and redis.call('HGET', KEYS[1], 'gap_upto') == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], 'gap_after', 'gap_upto')
+end
+return 0
+"""
+
 
 class Forwarder:
     """Handler of the ``to:<peer>`` group: delivers batches to one peer's mirror stream."""
@@ -87,8 +97,10 @@ class Forwarder:
         self._link_key = names.link(peer)
         self._mirror_keys = [names.mirror(region), names.mirror_state(region)]
         self._append = remote.register_script(APPEND_SCRIPT)
+        self._clear_gap = local.register_script(CLEAR_GAP_SCRIPT)
         self.last = "0-0"
-        """Origin ID of the last invalidation delivered to the peer."""
+        """Origin ID of the last invalidation delivered to the peer, in epoch ``_last_epoch``."""
+        self._last_epoch = ""
         self.last_sent_ms = 0.0
         self.pending_gap: tuple[str, str] | None = None
         self._forwarded = metrics.forwarded.labels(region, peer)
@@ -99,6 +111,7 @@ class Forwarder:
     async def load(self) -> None:
         """Resume from what the link state in the local Redis says was delivered."""
         state: dict[Any, Any] = await self.local.hgetall(self._link_key)
+        self._last_epoch = self.epoch.value
         if state.get(b"epoch", b"").decode() == self.epoch.value:
             self.last = state.get(b"last", b"0-0").decode()
         else:
@@ -109,8 +122,8 @@ class Forwarder:
     async def __call__(self, entries: Sequence[Entry]) -> None:
         valid, _dead, lost = parse_batch(entries, self.limits)
         if lost:
-            self.note_gap(lost[0].decode(), lost[-1].decode())
-        epoch = self.epoch.value
+            self.note_gap(str(StreamId.parse(lost[0]).previous()), lost[-1].decode())
+        epoch = self._follow_epoch()
         gap = self.pending_gap
         if valid or gap:
             batch = Batch(
@@ -130,12 +143,15 @@ class Forwarder:
             elif valid:
                 self._duplicates.inc()
                 log.info("%s: batch up to %s was already delivered", self.peer, last)
+                if gap:  # the peer did not append the batch, so not its gap either
+                    await self._send("notice", msgspec.structs.replace(batch, events=[]), last)
             if valid and StreamId.parse(last) > StreamId.parse(self.last):
                 self.last = last
         async with self.local.pipeline(transaction=False) as pipe:
             pipe.hset(self._link_key, mapping={"epoch": epoch, "last": self.last})
             if gap:
-                pipe.hdel(self._link_key, "gap_after", "gap_upto")
+                # Only the gap just delivered: one noted meanwhile (by trimming) must stay.
+                await self._clear_gap(keys=[self._link_key], args=list(gap), client=pipe)
             pipe.xack(self.reader.stream, self.reader.group, *[entry_id for entry_id, _ in entries])
             await pipe.execute()
         if gap == self.pending_gap:
@@ -147,10 +163,16 @@ class Forwarder:
         now = self.clock.now_ms()
         if now - self.last_sent_ms < self.heartbeat_interval_ms:
             return
-        heartbeat = Heartbeat(
-            origin=self.region, epoch=self.epoch.value, last=self.last, sent_ms=int(now)
-        )
+        epoch = self._follow_epoch()
+        heartbeat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
         await self._send("notice", heartbeat, self.last)
+
+    def _follow_epoch(self) -> str:
+        """The current epoch; when it changed (the stream was lost), nothing is delivered in it."""
+        epoch = self.epoch.value
+        if epoch != self._last_epoch:
+            self._last_epoch, self.last = epoch, "0-0"
+        return epoch
 
     def note_gap(self, after: str, upto: str) -> None:
         """Entries this peer never received were deleted: tell it with the next envelope."""
@@ -159,15 +181,28 @@ class Forwarder:
             upto = max(upto, self.pending_gap[1], key=StreamId.parse)
         self.pending_gap = (after, upto)
         log.warning(
-            "%s: entries after %s up to %s were trimmed before delivery", self.peer, after, upto
+            "%s: entries after %s up to %s were deleted before delivery", self.peer, after, upto
         )
+
+    async def add_gap(self, after: str, upto: str) -> None:
+        """:meth:`note_gap`, kept in the link state too, so that a restart still sends it."""
+        self.note_gap(after, upto)
+        if self.pending_gap is not None:
+            gap_after, gap_upto = self.pending_gap
+            await self.local.hset(
+                self._link_key, mapping={"gap_after": gap_after, "gap_upto": gap_upto}
+            )
+
+    async def entries_lost(self, ids: list[bytes]) -> None:
+        """Pending entries whose data was deleted before they were sent (found by XAUTOCLAIM)."""
+        await self.add_gap(str(StreamId.parse(ids[0]).previous()), ids[-1].decode())
 
     async def _send(self, kind: str, envelope: Envelope, last: str) -> bool:
         """Append ``envelope`` on the peer; False if the peer already had this batch."""
         try:
             reply = await self._append(
                 keys=self._mirror_keys,
-                args=[kind, self.epoch.value, last, encode_envelope(envelope), self.mirror_max_len],
+                args=[kind, envelope.epoch, last, encode_envelope(envelope), self.mirror_max_len],
             )
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._link_up.set(0)

@@ -36,6 +36,7 @@ class GroupReader:
         count: int,
         block_ms: int,
         on_recreated: Callable[[], Awaitable[None]] | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -44,6 +45,7 @@ class GroupReader:
         self.count = count
         self.block_ms = block_ms
         self._on_recreated = on_recreated
+        self._on_read = on_read
         self._cursor = b"0"
 
     async def ensure_group(self) -> bool:
@@ -75,10 +77,14 @@ class GroupReader:
                 block=None if pending else self.block_ms,
             )
         except redis.ResponseError as exc:
+            if "UNBLOCKED" in str(exc):  # the stream was deleted while we waited on it
+                return []
             if "NOGROUP" not in str(exc):
                 raise
             await self._recreate()
             return []
+        if self._on_read is not None:
+            self._on_read()
         entries: list[Entry] = reply[0][1] if reply else []
         if pending:
             self._cursor = entries[-1][0] if entries else b">"

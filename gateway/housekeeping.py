@@ -8,7 +8,7 @@ that had not received them gets a gap, recorded and sent on to its peer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +49,28 @@ async def group_positions(client: AsyncRedis, stream: str) -> list[GroupPosition
 
 
 async def trim_stream(
-    client: AsyncRedis, stream: str, *, max_len: int, on_gap: OnGap | None = None
+    client: AsyncRedis,
+    stream: str,
+    *,
+    max_len: int,
+    on_gap: OnGap | None = None,
+    groups_needed: Collection[str] = (),
 ) -> list[GroupPosition]:
-    """Trim ``stream`` below its slowest group, then to ``max_len``; returns group positions."""
+    """Trim ``stream`` below its slowest group, then to ``max_len``; returns group positions.
+
+    Nothing is trimmed while one of ``groups_needed`` is missing (being recreated after the
+    stream was lost): the groups present do not say what the missing one still needs.
+    """
     try:
         groups = await group_positions(client, stream)
     except redis.ResponseError as exc:
         if "no such key" in str(exc).lower():
             return []
         raise
-    if not groups:
+    missing = set(groups_needed) - {group.name for group in groups}
+    if not groups or missing:
+        if missing:
+            log.debug("not trimming %s: groups %s do not exist yet", stream, sorted(missing))
         return groups
     floor: StreamId | None = None
     for group in groups:

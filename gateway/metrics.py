@@ -67,13 +67,14 @@ class Metrics:
         self.groups_recreated = Counter(
             "invalgw_consumer_groups_recreated",
             "Consumer groups found missing (NOGROUP: Redis restarted or stream deleted) and "
-            "created again.",
+            "created again, by stage (apply, to:<peer>, from:<peer>).",
             ["region", "group"],
             registry=r,
         )
         self.reclaimed = Counter(
             "invalgw_entries_reclaimed",
-            "Pending entries of a dead consumer taken over with XAUTOCLAIM.",
+            "Pending entries taken over with XAUTOCLAIM (left by a crash or a dead consumer), "
+            "by stage.",
             ["region", "group"],
             registry=r,
         )

@@ -67,12 +67,25 @@ class MirrorApplier:
         return self.local_clock.now_ms()
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
+        # What this batch changes in the status counts only once it is applied and acknowledged:
+        # if the cache cannot be reached and the mirror is then lost, the gap must still show.
+        status = msgspec.structs.replace(self.status)
         batches: list[Batch] = []
         dead: list[DeadLetter] = []
+        gaps: list[Gap] = []
         for entry_id, fields in entries:
+            if not fields:
+                log.info(
+                    "mirror entry %s from %s was deleted before it was applied; the next "
+                    "envelope tells whether invalidations were lost",
+                    entry_id.decode(),
+                    self.origin,
+                )
+                continue
             try:
                 envelope = decode_envelope(fields[ENVELOPE_FIELD])
-            except (KeyError, msgspec.DecodeError) as exc:
+                _check_ids(envelope)
+            except (KeyError, ValueError, msgspec.DecodeError) as exc:
                 reason = f"mirror entry from {self.origin} is not an envelope: {exc}"
                 dead.append(DeadLetter(entry_id, fields, reason, "bad_envelope"))
                 continue
@@ -80,61 +93,22 @@ class MirrorApplier:
                 reason = f"envelope from {envelope.origin!r} in the mirror of {self.origin!r}"
                 dead.append(DeadLetter(entry_id, fields, reason, "bad_envelope"))
                 continue
-            await self._check_continuity(envelope)
-            self.status.heartbeat_ms = max(self.status.heartbeat_ms, envelope.sent_ms)
+            gaps += _continuity(status, envelope)
+            status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
             if isinstance(envelope, Batch):
                 batches.append(envelope)
         await self.dead_letters.put(self.reader.stream, dead)
         keys = [key for batch in batches for event in batch.events for key in event.keys]
         removed = await self.cache.unlink(keys)
+        for reason, after, upto in gaps:
+            status.gaps += 1
+            await self.gaps.record(self.origin, reason, after=after, upto=upto)
         await ack_with_status(
-            self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
+            self.reader, [entry_id for entry_id, _ in entries], self.status_key, status
         )
+        for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
+            setattr(self.status, name, getattr(status, name))
         self._record(batches, removed)
-
-    async def _check_continuity(self, envelope: Batch | Heartbeat) -> None:
-        status = self.status
-        if status.epoch and envelope.epoch != status.epoch:
-            status.gaps += 1
-            await self.gaps.record(
-                self.origin,
-                "the origin lost its stream history (new epoch)",
-                after=status.last_id,
-                upto="unknown",
-            )
-            status.last_id = "0-0"
-        status.epoch = envelope.epoch
-        if isinstance(envelope, Batch):
-            if envelope.gap_from is not None and envelope.gap_to is not None:
-                status.gaps += 1
-                await self.gaps.record(
-                    self.origin,
-                    "the origin trimmed entries before delivering them",
-                    after=envelope.gap_from,
-                    upto=envelope.gap_to,
-                )
-            applied = StreamId.parse(status.last_id)
-            if StreamId.parse(envelope.prev) > applied:
-                status.gaps += 1
-                await self.gaps.record(
-                    self.origin,
-                    "mirror entries were lost before they were applied",
-                    after=status.last_id,
-                    upto=envelope.prev,
-                )
-            if envelope.events:
-                last = envelope.events[-1].id
-                if StreamId.parse(last) > applied:
-                    status.last_id = last
-        elif StreamId.parse(envelope.last) > StreamId.parse(status.last_id):
-            status.gaps += 1
-            await self.gaps.record(
-                self.origin,
-                "mirror entries were lost before they were applied",
-                after=status.last_id,
-                upto=envelope.last,
-            )
-            status.last_id = envelope.last
 
     def _record(self, batches: list[Batch], removed: int) -> None:
         count = sum(len(batch.events) for batch in batches)
@@ -150,3 +124,51 @@ class MirrorApplier:
                 lag = max(0.0, now - id_ms(event.id))
                 self._lag.observe(lag / 1000)
                 self.window.add(lag)
+
+
+Gap = tuple[str, str, str]
+"""(reason, after, upto): invalidations in (after, upto] from the origin may be missing."""
+
+
+def _continuity(status: LinkStatus, envelope: Batch | Heartbeat) -> list[Gap]:
+    """Advance ``status`` past ``envelope``; the gaps it reveals (new epoch, trimmed, lost)."""
+    gaps: list[Gap] = []
+    if status.epoch and envelope.epoch != status.epoch:
+        gaps.append(("the origin lost its stream history (new epoch)", status.last_id, "unknown"))
+        status.last_id = "0-0"
+    status.epoch = envelope.epoch
+    applied = StreamId.parse(status.last_id)
+    if isinstance(envelope, Batch):
+        if envelope.gap_from is not None and envelope.gap_to is not None:
+            gaps.append(
+                (
+                    "the origin lost entries before it could send them (trimmed, or deleted)",
+                    envelope.gap_from,
+                    envelope.gap_to,
+                )
+            )
+        if StreamId.parse(envelope.prev) > applied:
+            gaps.append(
+                ("mirror entries were lost before they were applied", status.last_id, envelope.prev)
+            )
+        if envelope.events and StreamId.parse(envelope.events[-1].id) > applied:
+            status.last_id = envelope.events[-1].id
+    elif StreamId.parse(envelope.last) > applied:
+        gaps.append(
+            ("mirror entries were lost before they were applied", status.last_id, envelope.last)
+        )
+        status.last_id = envelope.last
+    return gaps
+
+
+def _check_ids(envelope: Batch | Heartbeat) -> None:
+    """Raise ``ValueError`` if a stream ID in ``envelope`` does not parse."""
+    if isinstance(envelope, Heartbeat):
+        StreamId.parse(envelope.last)
+        return
+    StreamId.parse(envelope.prev)
+    for event in envelope.events:
+        StreamId.parse(event.id)
+    for bound in (envelope.gap_from, envelope.gap_to):
+        if bound is not None:
+            StreamId.parse(bound)

@@ -26,9 +26,9 @@ from gateway.applier import LocalApplier
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
 from gateway.deadletter import DeadLetters
-from gateway.epoch import Epoch
+from gateway.epoch import Epoch, EpochWatch
 from gateway.forwarder import Forwarder
 from gateway.gaps import Gaps
 from gateway.groups import GroupReader
@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
 from gateway.receiver import MirrorApplier
 from gateway.worker import Drain, Stage, until_ok
+from proto import StreamId
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,15 @@ class Gateway:
         local_clock = ServerClock()
         peer_clocks = {name: ServerClock() for name in peers}
         epoch = Epoch(local, names.epoch)
+        statuses: dict[str, LinkStatus] = {}
         ready = await until_ok(
-            partial(self._prepare, epoch, local_clock, local),
+            partial(self._prepare, epoch, local_clock, local, statuses, [region, *peers]),
             self.drain,
             name=f"{region}: connect",
             on_error=on_error("connect"),
         )
-        if not ready:
+        if not ready:  # drained before the region's Redis could be reached
+            task_status.started()
             return
         cache = Cache(cache_client)
         dead = DeadLetters(
@@ -108,15 +111,19 @@ class Gateway:
             metrics=metrics,
         )
         gaps = Gaps(local, names.gaps, region=region, metrics=metrics)
-        statuses = await self._load_statuses(local, [region, *peers])
         tuning = config.gateway
         consumer = config.consumer
 
-        async def rotate_epoch() -> None:
-            metrics.groups_recreated.labels(region, "local").inc()
-            await epoch.rotate(epoch.value)
+        def reader(stream: str, group: str, stage_name: str) -> GroupReader:
+            """A reader whose lost group is counted; on the local stream it also means lost
+            history, hence a new epoch (peers record the gap)."""
+            watch = EpochWatch(epoch) if stream == names.local_stream else None
 
-        def reader(stream: str, group: str, *, on_recreated: bool = True) -> GroupReader:
+            async def recreated() -> None:
+                metrics.groups_recreated.labels(region, stage_name).inc()
+                if watch is not None:
+                    await watch.history_lost()
+
             return GroupReader(
                 reads,
                 stream,
@@ -124,7 +131,8 @@ class Gateway:
                 consumer,
                 count=tuning.batch_size,
                 block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
-                on_recreated=rotate_epoch if on_recreated else None,
+                on_recreated=recreated,
+                on_read=watch.read_ok if watch is not None else None,
             )
 
         def stage(name: str, group_reader: GroupReader, handler: object, **kw: object) -> Stage:
@@ -134,6 +142,7 @@ class Gateway:
                 handler,  # type: ignore[arg-type]
                 drain=self.drain,
                 on_error=on_error(name),
+                on_claimed=metrics.reclaimed.labels(region, name).inc,
                 claim_interval_ms=tuning.claim_interval_ms,
                 claim_idle_ms=tuning.claim_idle_ms,
                 backoff_cap_ms=tuning.retry_backoff_cap_ms,
@@ -141,7 +150,7 @@ class Gateway:
             )
 
         stages: list[Stage] = []
-        apply_reader = reader(names.local_stream, APPLY_GROUP)
+        apply_reader = reader(names.local_stream, APPLY_GROUP, "apply")
         local_applier = LocalApplier(
             region=region,
             reader=apply_reader,
@@ -153,11 +162,21 @@ class Gateway:
             clock=local_clock,
             status=statuses[region],
             status_key=names.status,
+            epoch=epoch,
         )
-        stages.append(stage("apply", apply_reader, local_applier))
+
+        async def local_entries_lost(ids: list[bytes]) -> None:
+            await gaps.record(
+                region,
+                "local entries deleted before they were applied",
+                after=str(StreamId.parse(ids[0]).previous()),
+                upto=ids[-1].decode(),
+            )
+
+        stages.append(stage("apply", apply_reader, local_applier, on_lost=local_entries_lost))
         sources = [StatusSource(statuses[region], local_applier.window, local_clock.now_ms)]
         for peer in config.peers:
-            forward_reader = reader(names.local_stream, forward_group(peer.name))
+            forward_reader = reader(names.local_stream, forward_group(peer.name), f"to:{peer.name}")
             forwarder = Forwarder(
                 region=region,
                 peer=peer.name,
@@ -172,10 +191,18 @@ class Gateway:
                 mirror_max_len=config.streams.mirror_max_len,
                 heartbeat_interval_ms=tuning.heartbeat_interval_ms,
             )
-            await forwarder.load()
             self.forwarders[peer.name] = forwarder
-            stages.append(stage(f"to:{peer.name}", forward_reader, forwarder, idle=forwarder.idle))
-            mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, on_recreated=False)
+            stages.append(
+                stage(
+                    f"to:{peer.name}",
+                    forward_reader,
+                    forwarder,
+                    idle=forwarder.idle,
+                    prepare=forwarder.load,
+                    on_lost=forwarder.entries_lost,
+                )
+            )
+            mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, f"from:{peer.name}")
             mirror = MirrorApplier(
                 region=region,
                 origin=peer.name,
@@ -203,14 +230,15 @@ class Gateway:
             if group == APPLY_GROUP:
                 await gaps.record(region, "trimmed before local apply", after=after, upto=upto)
             elif group.startswith("to:") and group[3:] in self.forwarders:
-                await local.hset(
-                    names.link(group[3:]), mapping={"gap_after": after, "gap_upto": upto}
-                )
-                self.forwarders[group[3:]].note_gap(after, upto)
+                await self.forwarders[group[3:]].add_gap(after, upto)
 
         async def trim() -> None:
             positions = await trim_stream(
-                local, names.local_stream, max_len=config.streams.max_len, on_gap=on_local_gap
+                local,
+                names.local_stream,
+                max_len=config.streams.max_len,
+                on_gap=on_local_gap,
+                groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
             )
             for position in positions:
                 backlog = position.pending + (position.lag or 0)
@@ -232,6 +260,7 @@ class Gateway:
                 metrics.clock_offset.labels(region, name).set(offset / 1000)
 
         async def status() -> None:
+            statuses[region].epoch = epoch.value
             await publish_status(
                 local, names.status, sources, local_clock=local_clock, metrics=metrics
             )
@@ -253,12 +282,24 @@ class Gateway:
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
-                await status()
+                try:
+                    await status()  # the last word on what was applied
+                except REDIS_ERRORS as exc:
+                    log.warning("could not save the final status: %s", exc)
             chores.cancel_scope.cancel()
 
-    async def _prepare(self, epoch: Epoch, clock: ServerClock, local: AsyncRedis) -> None:
+    async def _prepare(
+        self,
+        epoch: Epoch,
+        clock: ServerClock,
+        local: AsyncRedis,
+        statuses: dict[str, LinkStatus],
+        origins: list[str],
+    ) -> None:
+        """What every stage needs from the region's Redis before it starts (retried until ok)."""
         await epoch.load()
         await sample_clock(clock, local)
+        statuses.update(await self._load_statuses(local, origins))
 
     async def _load_statuses(self, local: AsyncRedis, origins: list[str]) -> dict[str, LinkStatus]:
         saved = await local.hgetall(self.names.status)

@@ -70,6 +70,9 @@ class Stage:
         drain: Drain,
         on_error: Callable[[Exception], None],
         idle: Callable[[], Awaitable[None]] | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        on_claimed: Callable[[int], None] | None = None,
+        on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
         claim_interval_ms: int,
         claim_idle_ms: int,
         backoff_cap_ms: int,
@@ -80,10 +83,15 @@ class Stage:
         self.drain = drain
         self.on_error = on_error
         self.idle = idle
+        self.prepare = prepare
+        """Loads the handler's state from Redis before the first batch (retried like reads)."""
         self.claim_interval_ms = claim_interval_ms
         self.claim_idle_ms = claim_idle_ms
         self.backoff_cap_ms = backoff_cap_ms
-        self.on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self.on_claimed = on_claimed
+        """Told how many pending entries of other (dead) consumers were taken over."""
+        self.on_lost = on_lost
+        """Given the IDs of pending entries whose data was deleted before they were handled."""
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -101,14 +109,16 @@ class Stage:
             return
         next_claim = time.monotonic() + self.claim_interval_ms / 1000
         failures = 0
+        interrupted = False
         while not self.drain.requested:
             try:
                 if time.monotonic() >= next_claim:
                     await self._claim(self.claim_idle_ms)
                     next_claim = time.monotonic() + self.claim_interval_ms / 1000
                 entries: list[Entry] = []
-                with self.drain.interruptible():
+                with self.drain.interruptible() as wait:
                     entries = await self.reader.read()
+                interrupted = wait.cancelled_caught
                 if entries:
                     await self.handle(entries)
                 elif self.idle is not None and not self.drain.requested:
@@ -119,9 +129,28 @@ class Stage:
                 self._failed(exc, failures)
                 self.reader.rewind()
                 await self.drain.sleep(backoff_seconds(failures, cap_ms=self.backoff_cap_ms))
+        if interrupted:
+            await self._finish_pending()
         log.info("%s: drained", self.name)
 
+    async def _finish_pending(self) -> None:
+        """Handle what a read cut short by the drain may have left in this consumer's pending list.
+
+        Redis moves entries into the pending list when it sends them; if the drain cancelled the
+        read after that, they would wait for the next start. One pass over the pending list
+        (no blocking) handles them now, so a drained consumer leaves nothing pending.
+        """
+        self.reader.rewind()
+        try:
+            while entries := await self.reader.read():
+                await self.handle(entries)
+        except REDIS_ERRORS as exc:
+            self.on_error(exc)
+            log.warning("%s: pending entries left for the next start: %s", self.name, exc)
+
     async def _start(self) -> None:
+        if self.prepare is not None:
+            await self.prepare()
         if await self.reader.ensure_group():
             log.info("%s: created consumer group %r", self.name, self.reader.group)
         await self._claim(0)
@@ -130,8 +159,18 @@ class Stage:
         claimed, lost = await self.reader.claim(min_idle_ms)
         if claimed:
             log.info("%s: took over %d pending entries", self.name, claimed)
-        if lost and self.on_lost is not None:
-            await self.on_lost(lost)
+            if self.on_claimed is not None:
+                self.on_claimed(claimed)
+        if lost:
+            log.warning(
+                "%s: %d pending entries were deleted before they were handled (%s … %s)",
+                self.name,
+                len(lost),
+                lost[0].decode(),
+                lost[-1].decode(),
+            )
+            if self.on_lost is not None:
+                await self.on_lost(lost)
 
     def _failed(self, exc: Exception, failures: int) -> None:
         self.on_error(exc)

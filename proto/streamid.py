@@ -23,6 +23,14 @@ class StreamId(NamedTuple):
             raise ValueError(f"not a stream ID: {text!r}")
         return cls(int(ms), int(seq))
 
+    def previous(self) -> StreamId:
+        """The greatest ID below this one: the range (previous, self] holds just this ID."""
+        if self.seq:
+            return StreamId(self.ms, self.seq - 1)
+        if self.ms:
+            return StreamId(self.ms - 1, 2**64 - 1)
+        return self
+
     def __str__(self) -> str:
         return f"{self.ms}-{self.seq}"
 

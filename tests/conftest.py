@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import redis.asyncio
 from gateway.config import RegionConfig, parse_config, to_toml
 from gateway.metrics import Metrics
 from gateway.service import Gateway
+from tests.processes import Processes
 from tests.servers import RedisServer, redis_servers
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -23,6 +24,32 @@ REGIONS = ("us-east", "eu-west", "ap-south")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+PROCESSES = pytest.StashKey[Processes]()
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
+    """Gateways run as child processes; all stopped at the end, their logs shown on failure."""
+    made = Processes(tmp_path)
+    request.node.stash[PROCESSES] = made
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the logs of a failed test's gateway processes to its report."""
+    report = yield
+    if report.failed and PROCESSES in item.stash:
+        for name, log in item.stash[PROCESSES].logs():
+            report.sections.append((f"gateway {name} log ({report.when})", log))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +186,17 @@ async def wait_gone(
         return int(await client.exists(*keys)) == 0
 
     await wait_until(gone, seconds=seconds, what=f"{len(keys)} keys to be gone in {region}")
+
+
+async def stream_entries(
+    client: redis.asyncio.Redis, stream: str
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of ``stream`` (XRANGE - +), typed for the tests."""
+    entries: Any = await client.xrange(stream)
+    return [(entry_id, dict(fields)) for entry_id, fields in entries]
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The exported value of ``name`` (as Prometheus scrapes it) for ``labels``; 0 if unset."""
+    value = gateway.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,21 @@ class RedisServer:
             self._process.start()
         else:
             self._container.get_wrapped_container().start()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, no command gets an answer."""
+        if self._process is not None:
+            assert self._process.process is not None
+            self._process.process.send_signal(signal.SIGSTOP)
+        else:
+            self._container.get_wrapped_container().pause()
+
+    def resume(self) -> None:
+        if self._process is not None:
+            assert self._process.process is not None
+            self._process.process.send_signal(signal.SIGCONT)
+        else:
+            self._container.get_wrapped_container().unpause()
 
     def stop(self) -> None:
         if self._process is not None:
