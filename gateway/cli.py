@@ -76,10 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("keys", nargs="+", metavar="KEY")
     publish.set_defaults(command=cmd_publish)
 
-    from gateway import bench, demo
+    from gateway import bench, demo, wanproxy
 
     demo.add_parser(commands)
     bench.add_parser(commands)
+    wanproxy.add_parser(commands)
     return parser
 
 
