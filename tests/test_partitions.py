@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 import redis.asyncio
 
@@ -291,3 +292,37 @@ async def test_a_flapping_link_loses_nothing_and_applies_nothing_twice(
         for region, client in redis_by_region.items():
             await wait_gone(client, keys, region=region, seconds=5)
         await assert_nothing_lost(gateways, redis_by_region, sent=len(keys) // 3)
+
+
+def with_peer(config: RegionConfig, name: str, **changes: Any) -> RegionConfig:
+    peers = [msgspec.structs.replace(p, **changes) if p.name == name else p for p in config.peers]
+    return msgspec.structs.replace(config, peers=peers)
+
+
+async def test_a_silent_peer_does_not_hold_up_clock_samples_of_the_others(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    urls = {region: server.url for region, server in zip(REGIONS, session_servers, strict=True)}
+    first_the_silent_one = {region: urls[region] for region in ("ap-south", "us-east", "eu-west")}
+    async with proxied(urls["ap-south"]) as proxy:
+        proxy.blackhole()
+        configs = make_configs(
+            first_the_silent_one,
+            namespace,
+            peer_urls={"us-east": {"ap-south": via(proxy, urls["ap-south"])}},
+        )
+        us_east = with_peer(configs["us-east"], "ap-south", socket_timeout_ms=3000)
+        assert [peer.name for peer in us_east.peers] == ["ap-south", "eu-west"]
+        async with running({"us-east": us_east}) as gateways:
+            gateway = gateways["us-east"]
+
+            def sampled(peer: str) -> bool:
+                labels = {"region": "us-east", "peer": peer}
+                offset = gateway.metrics.registry.get_sample_value(
+                    "invalgw_clock_offset_seconds", labels
+                )
+                return offset is not None
+
+            # eu-west's clock is sampled at once, while ap-south's first TIME waits for 3 s
+            await wait_until(holds(lambda: sampled("eu-west")), seconds=1.5, what="eu-west's clock")
+            assert not sampled("ap-south")
