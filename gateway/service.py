@@ -171,6 +171,7 @@ class Gateway:
                 limits=config.limits,
                 mirror_max_len=config.streams.mirror_max_len,
                 heartbeat_interval_ms=tuning.heartbeat_interval_ms,
+                drain=self.drain,
             )
             await forwarder.load()
             self.forwarders[peer.name] = forwarder

@@ -66,7 +66,7 @@ async def ap_south_behind_proxies(
                 "us-east": {"ap-south": via(from_us, ap_south)},
                 "eu-west": {"ap-south": via(from_eu, ap_south)},
             },
-            gateway={"trim_interval_ms": 200},
+            gateway={"trim_interval_ms": 200, **overrides.pop("gateway", {})},
             **overrides,
         )
         yield configs, Link([from_us, from_eu])
@@ -326,3 +326,49 @@ async def test_a_silent_peer_does_not_hold_up_clock_samples_of_the_others(
             # eu-west's clock is sampled at once, while ap-south's first TIME waits for 3 s
             await wait_until(holds(lambda: sampled("eu-west")), seconds=1.5, what="eu-west's clock")
             assert not sampled("ap-south")
+
+
+async def test_a_drain_gives_up_on_a_silent_peer_and_its_entries_are_sent_after_a_restart(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    async with (
+        ap_south_behind_proxies(
+            session_servers, namespace, gateway={"heartbeat_interval_ms": 60_000}
+        ) as (configs, link),
+        clients(configs) as redis_by_region,
+    ):
+        stream = configs["us-east"].streams.local
+        key = f"{namespace}:user:1"
+        for client in redis_by_region.values():
+            await client.set(key, "cached")
+        us_east = with_peer(configs["us-east"], "ap-south", socket_timeout_ms=4000)
+        async with running({"us-east": us_east}) as gateways:
+            await wait_until(
+                holds(lambda: link_up(gateways["us-east"], "ap-south") == 1),
+                what="the link to work at first",
+            )
+            link.blackhole()
+            await Invalidator(redis_by_region["us-east"], stream=stream).invalidate(key)
+
+            async def sent_to_ap_south() -> bool:
+                pending = await redis_by_region["us-east"].xpending(stream, "to:ap-south")
+                return int(pending["pending"]) == 1
+
+            await wait_until(sent_to_ap_south, what="the forwarder to call the silent ap-south")
+            drain_started = time.monotonic()
+        # not the 4 s the call would take to time out: a short grace, then the call is dropped
+        assert time.monotonic() - drain_started < 2.5
+        assert await backlog_in_redis(redis_by_region["us-east"], stream, "to:ap-south") == 1
+
+        link.heal()
+        async with running(configs) as gateways:
+            await wait_gone(redis_by_region["ap-south"], [key], region="ap-south")
+            await wait_until(
+                lambda: _no_backlog(redis_by_region["us-east"], stream, "to:ap-south"),
+                what="the restarted forwarder to deliver the entry",
+            )
+            await assert_nothing_lost(gateways, redis_by_region, sent=1)
+
+
+async def _no_backlog(client: redis.asyncio.Redis, stream: str, group: str) -> bool:
+    return await backlog_in_redis(client, stream, group) == 0
