@@ -473,7 +473,7 @@ async def serve_control(
     *,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer one control command per line (``blackhole``, ``heal``, …) on ``host:port``."""
+    """Run commands (``blackhole``, ``heal``, …) sent to ``host:port``, one line per connection."""
     listener = _bind(host, port)
     try:
         task_status.started(listener.getsockname()[1])
@@ -485,20 +485,18 @@ async def serve_control(
 
 
 async def _control_session(proxy: WanProxy, sock: socket.socket) -> None:
-    pending = b""
+    """Read a line (or what arrives before EOF), run the command(s) in it, answer, close."""
+    received = b""
     try:
-        with anyio.move_on_after(60):
-            while True:
+        with anyio.move_on_after(10):
+            while b"\n" not in received and len(received) <= 4096:
                 data = await _recv(sock)
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                if not data and pending.strip():
-                    lines.append(pending)
-                for line in filter(bytes.strip, lines):
-                    reply = proxy.command(line.decode(errors="replace"))
-                    await _send_all(sock, reply.encode() + b"\n")
-                if not data or len(pending) > 4096:
-                    return
+                if not data:
+                    break
+                received += data
+            lines = [line.decode(errors="replace") for line in received.split(b"\n")]
+            replies = [proxy.command(line) + "\n" for line in lines if line.strip()]
+            await _send_all(sock, "".join(replies).encode())
     except OSError as exc:
         log.debug("control connection failed: %s", exc)
     finally:
@@ -506,10 +504,9 @@ async def _control_session(proxy: WanProxy, sock: socket.socket) -> None:
 
 
 def send_command(address: tuple[str, int], command: str, *, timeout_s: float = 5.0) -> str:
-    """Send one command to a proxy's control port and return its reply line."""
+    """Send one command to a proxy's control port and return its reply (the proxy then closes)."""
     with socket.create_connection(address, timeout=timeout_s) as sock:
         sock.sendall(command.encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
         reply = b""
         while chunk := sock.recv(4096):
             reply += chunk
@@ -535,7 +532,8 @@ def add_parser(commands: Any) -> None:
         "--control",
         type=address,
         metavar="HOST:PORT",
-        help="accept commands here, one per line: " + CONTROL_COMMANDS,
+        help="accept commands here, one line per connection (the reply closes it): "
+        + CONTROL_COMMANDS,
     )
     proxy.add_argument("--connect-timeout-ms", type=float, default=5000.0)
     proxy.add_argument("--max-connections", type=int, default=512)
