@@ -141,7 +141,7 @@ class WanProxy:
 
     def blackhole(self) -> None:
         """Forward nothing in either direction; connections stay open and calls time out."""
-        log.warning("blackhole: forwarding nothing to or from %s", self.target)
+        log.info("blackhole: forwarding nothing to or from %s", self.target)
         self.blackholed = True
         self._notify()
 
@@ -150,12 +150,12 @@ class WanProxy:
         connections = list(self._connections)
         for connection in connections:
             connection.reset()
-        log.warning("reset %d connections to %s", len(connections), self.target)
+        log.info("reset %d connections to %s", len(connections), self.target)
         return len(connections)
 
     def refuse(self) -> None:
         """Close the listening socket: new connections are refused until :meth:`heal`."""
-        log.warning("refusing new connections on port %d", self.port)
+        log.info("refusing new connections on port %d", self.port)
         self.refusing = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
@@ -163,7 +163,7 @@ class WanProxy:
 
     def heal(self) -> None:
         """Forward and accept again (held bytes flow now); the delay is kept."""
-        log.warning("healed: forwarding to %s again", self.target)
+        log.info("healed: forwarding to %s again", self.target)
         if self.refusing and self._listener is None and self._changed is not None:
             with contextlib.suppress(OSError):  # else serve() keeps trying
                 self.listen()
