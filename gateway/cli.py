@@ -76,11 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("keys", nargs="+", metavar="KEY")
     publish.set_defaults(command=cmd_publish)
 
-    from gateway import bench, demo, probe
+    from gateway import bench, demo, probe, wanproxy
 
     demo.add_parser(commands)
     bench.add_parser(commands)
     probe.add_parser(commands)
+    wanproxy.add_parser(commands)
     return parser
 
 

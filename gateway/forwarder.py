@@ -5,6 +5,10 @@ peer only grows its own backlog. A batch is one envelope appended by one script 
 the script refuses a batch whose last origin ID it already holds, so a batch re-sent after a crash
 or a lost reply is recognised as delivered. The local entries are acknowledged only after the peer
 accepted (or already had) them.
+
+For the same reason a drain need not wait for a peer that does not answer: a call still running
+:data:`DRAIN_GRACE_S` after the drain started is abandoned, its entries stay pending, and the next
+gateway sends them again.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from gateway.epoch import Epoch
 from gateway.groups import Entry, GroupReader
 from gateway.metrics import Metrics
 from gateway.names import Names
+from gateway.worker import Drain
 from proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
 from proto.envelope import Envelope
 
 log = logging.getLogger(__name__)
+
+DRAIN_GRACE_S = 1.0
+"""How long a drain waits for a call to a peer already under way (a healthy one answers sooner)."""
 
 APPEND_SCRIPT = """
 -- KEYS[1] mirror stream, KEYS[2] its state hash
@@ -83,8 +91,10 @@ class Forwarder:
         limits: Limits,
         mirror_max_len: int,
         heartbeat_interval_ms: int,
+        drain: Drain,
     ) -> None:
         self.region = region
+        self.drain = drain
         self.peer = peer
         self.reader = reader
         self.local = local
@@ -138,6 +148,8 @@ class Forwarder:
             kind = "batch" if valid else "notice"
             last = valid[-1].id if valid else self.last
             delivered = await self._send(kind, batch, last)
+            if delivered is None:
+                return
             if delivered:
                 self._forwarded.inc(len(valid))
             elif valid:
@@ -197,16 +209,20 @@ class Forwarder:
         """Pending entries whose data was deleted before they were sent (found by XAUTOCLAIM)."""
         await self.add_gap(str(StreamId.parse(ids[0]).previous()), ids[-1].decode())
 
-    async def _send(self, kind: str, envelope: Envelope, last: str) -> bool:
-        """Append ``envelope`` on the peer; False if the peer already had this batch."""
-        try:
-            reply = await self._append(
-                keys=self._mirror_keys,
-                args=[kind, envelope.epoch, last, encode_envelope(envelope), self.mirror_max_len],
-            )
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            self._link_up.set(0)
-            raise
+    async def _send(self, kind: str, envelope: Envelope, last: str) -> bool | None:
+        """Append ``envelope`` on the peer; False if the peer already had this batch, None if a
+        drain gave up waiting for the peer."""
+        args: list[bytes | str | int] = [kind, envelope.epoch, last]
+        args += [encode_envelope(envelope), self.mirror_max_len]
+        with self.drain.interruptible(DRAIN_GRACE_S) as call:
+            try:
+                reply = await self._append(keys=self._mirror_keys, args=args)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                self._link_up.set(0)
+                raise
+        if call.cancelled_caught:
+            log.warning("%s: draining: gave up waiting; the batch stays pending", self.peer)
+            return None
         self._link_up.set(1)
         self.last_sent_ms = self.clock.now_ms()
         return bool(reply[0] == b"ok")

@@ -190,6 +190,7 @@ class Gateway:
                 limits=config.limits,
                 mirror_max_len=config.streams.mirror_max_len,
                 heartbeat_interval_ms=tuning.heartbeat_interval_ms,
+                drain=self.drain,
             )
             self.forwarders[peer.name] = forwarder
             stages.append(
@@ -248,16 +249,10 @@ class Gateway:
                     local, names.mirror(peer.name), max_len=config.streams.mirror_max_len
                 )
 
-        async def sample_clocks() -> None:
-            await sample_clock(local_clock, local)
-            for name, client in peers.items():
-                try:
-                    await sample_clock(peer_clocks[name], client)
-                except Exception as exc:
-                    log.debug("clock sample of %s failed: %s", name, exc)
-                    continue
-                offset = peer_clocks[name].offset_ms - local_clock.offset_ms
-                metrics.clock_offset.labels(region, name).set(offset / 1000)
+        async def sample_peer_clock(name: str) -> None:
+            await sample_clock(peer_clocks[name], peers[name])
+            offset = peer_clocks[name].offset_ms - local_clock.offset_ms
+            metrics.clock_offset.labels(region, name).set(offset / 1000)
 
         async def status() -> None:
             statuses[region].epoch = epoch.value
@@ -269,7 +264,12 @@ class Gateway:
             trim_every = tuning.trim_interval_ms / 1000
             trim_errors = on_error("trim")
             chores.start_soon(partial(every, trim_every, trim, name="trim", on_error=trim_errors))
-            chores.start_soon(partial(every, CLOCK_SAMPLE_INTERVAL_S, sample_clocks, name="clocks"))
+            clock_every = CLOCK_SAMPLE_INTERVAL_S
+            local_sample = partial(sample_clock, local_clock, local)
+            chores.start_soon(partial(every, clock_every, local_sample, name="local clock"))
+            for name in peers:  # a task each: a peer that does not answer delays only its own
+                peer_sample = partial(sample_peer_clock, name)
+                chores.start_soon(partial(every, clock_every, peer_sample, name=f"clock of {name}"))
             chores.start_soon(partial(every, STATUS_INTERVAL_S, status, name="status"))
             async with anyio.create_task_group() as workers:
                 for each in stages:

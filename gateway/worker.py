@@ -3,7 +3,9 @@
 A stage (local apply, forward to a peer, apply a peer's mirror) is a :class:`GroupReader` plus a
 handler that performs the effect and acknowledges. The loop survives Redis being unreachable:
 it backs off (capped, jittered), rewinds to the pending entries and tries again, so nothing is
-skipped. A drain interrupts only the wait for new entries; a batch in hand is finished.
+skipped. A drain interrupts the wait for new entries; a batch in hand is finished, except that a
+handler may let the drain abandon a call whose repetition is harmless (see
+:meth:`Drain.interruptible`).
 """
 
 from __future__ import annotations
@@ -29,28 +31,39 @@ class Drain:
 
     def __init__(self) -> None:
         self.requested = False
-        self._scopes: set[anyio.CancelScope] = set()
+        self._scopes: dict[anyio.CancelScope, float] = {}
 
     def request(self) -> None:
         self.requested = True
-        for scope in list(self._scopes):
-            scope.cancel()
+        for scope, grace_s in list(self._scopes.items()):
+            _interrupt(scope, grace_s)
 
     @contextmanager
-    def interruptible(self) -> Iterator[anyio.CancelScope]:
-        """A cancel scope the drain cancels: wrap waits, never effects."""
+    def interruptible(self, grace_s: float = 0.0) -> Iterator[anyio.CancelScope]:
+        """A cancel scope the drain cancels, ``grace_s`` after it starts.
+
+        Wrap waits; wrap an effect only if doing it again after a restart is harmless (a batch to
+        a peer, which recognises a batch it already has), never a local apply or acknowledgement.
+        """
         with anyio.CancelScope() as scope:
             if self.requested:
-                scope.cancel()
-            self._scopes.add(scope)
+                _interrupt(scope, grace_s)
+            self._scopes[scope] = grace_s
             try:
                 yield scope
             finally:
-                self._scopes.discard(scope)
+                self._scopes.pop(scope, None)
 
     async def sleep(self, seconds: float) -> None:
         with self.interruptible():
             await anyio.sleep(seconds)
+
+
+def _interrupt(scope: anyio.CancelScope, grace_s: float) -> None:
+    if grace_s <= 0:
+        scope.cancel()
+    else:
+        scope.deadline = min(scope.deadline, anyio.current_time() + grace_s)
 
 
 def backoff_seconds(failures: int, *, base_ms: int = 50, cap_ms: int = 5000) -> float:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -15,6 +16,7 @@ import redis.asyncio
 from gateway.config import RegionConfig, parse_config, to_toml
 from gateway.metrics import Metrics
 from gateway.service import Gateway
+from gateway.wanproxy import WanProxy
 from tests.processes import Processes
 from tests.servers import RedisServer, redis_servers
 
@@ -135,6 +137,27 @@ async def running(
         finally:
             for gateway in gateways.values():
                 gateway.request_drain()
+
+
+@asynccontextmanager
+async def proxied(url: str, **options: Any) -> AsyncIterator[WanProxy]:
+    """A :class:`WanProxy` in front of the Redis at ``url``, serving until the block ends;
+    reach it with :func:`via`."""
+    target = urlsplit(url)
+    assert target.hostname is not None
+    assert target.port is not None
+    proxy = WanProxy(target.hostname, target.port, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def via(proxy: WanProxy, url: str) -> str:
+    """``url`` (a Redis URL) pointing at ``proxy`` instead."""
+    return urlsplit(url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from gateway.groups import Entry, GroupReader
 from gateway.housekeeping import trim_stream
 from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
+from gateway.worker import Drain
 from proto import Batch, Limits, StreamId, decode_envelope, entry_fields
 from tests.conftest import (
     REGIONS,
@@ -325,6 +326,7 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
                 limits=Limits(),
                 mirror_max_len=1000,
                 heartbeat_interval_ms=1000,
+                drain=Drain(),
             )
 
         async def next_batch() -> list[Entry]:
