@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
+from gateway.effects import Plan, plan_batch
 from gateway.epoch import Epoch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
 from gateway.lag import LagWindow, LinkStatus, ack_with_status
 from gateway.metrics import Metrics
+from gateway.policy import Resolver
+from gateway.scanner import ScanJob, Scanner
+from gateway.tracing import InvalidationTracer
 from proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
 
 log = logging.getLogger(__name__)
@@ -60,8 +67,14 @@ class LocalApplier:
         status: LinkStatus,
         status_key: str,
         epoch: Epoch,
+        resolver: Resolver,
+        scanner: Scanner,
+        tracer: InvalidationTracer,
     ) -> None:
         self.region = region
+        self.resolver = resolver
+        self.scanner = scanner
+        self.tracer = tracer
         self.epoch = epoch
         self.reader = reader
         self.cache = cache
@@ -73,7 +86,7 @@ class LocalApplier:
         self.status_key = status_key
         self.window = LagWindow()
         self._lag = metrics.lag.labels(region, region)
-        self._applied = metrics.applied.labels(region, region, "unlink")
+        self._applied = metrics.applied
         self._removed = metrics.keys_removed.labels(region, region)
         self._batch = metrics.batch_size.labels(region, "apply")
 
@@ -87,25 +100,31 @@ class LocalApplier:
                 after=str(StreamId.parse(lost[0]).previous()),
                 upto=lost[-1].decode(),
             )
-        keys = [key for invalidation in valid for key in invalidation.keys]
-        removed = await self.cache.unlink(keys)
+        plan = plan_batch(valid, self.region, self.resolver)
+        started_ns = time.time_ns()
+        removed = await self.cache.apply(plan)
+        scanning = {event.id.encode() for event in plan.scans}
+        for event in plan.scans:  # acknowledged when the walk of the cache is done
+            ack = partial(self.reader.ack, [event.id.encode()])
+            self.scanner.submit(ScanJob(event, self.region, ack))
         if valid:
             self.status.last_id = valid[-1].id
         self.status.epoch = self.epoch.value
-        await ack_with_status(
-            self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
-        )
-        self._record(valid, removed)
+        acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]
+        await ack_with_status(self.reader, acked, self.status_key, self.status)
+        self._record(valid, plan, removed, started_ns)
 
-    def _record(self, valid: list[Invalidation], removed: int) -> None:
+    def _record(self, valid: list[Invalidation], plan: Plan, removed: int, started_ns: int) -> None:
         self._batch.observe(len(valid))
         if not valid:
             return
-        self._applied.inc(len(valid))
+        for op, count in Counter(event.op for event in valid).items():
+            self._applied.labels(self.region, self.region, op).inc(count)
         self._removed.inc(removed)
         now = self.clock.now_ms()
-        for invalidation in valid:
-            lag = max(0.0, now - id_ms(invalidation.id))
+        lags = [max(0.0, now - id_ms(invalidation.id)) for invalidation in valid]
+        for lag in lags:
             self._lag.observe(lag / 1000)
             self.window.add(lag)
         self.status.applied += len(valid)
+        self.tracer.applied(self.region, self.reader.stream, valid, started_ns, lags)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from gateway.config import RedisEndpoint, redact
+from gateway.config import CacheEndpoint, RedisEndpoint, redact
 from gateway.errors import RedisUnreachable
 
 AsyncRedis = redis.asyncio.Redis
@@ -40,6 +41,22 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
         decode_responses=False,
     )
     return client
+
+
+def connect_cache(endpoint: CacheEndpoint, *, name: str) -> AsyncRedis | RedisCluster:
+    """A client for a region's cache: a cluster client when the cache is a Redis Cluster."""
+    if not endpoint.cluster:
+        return connect(endpoint, name=name)
+    cluster: RedisCluster = RedisCluster.from_url(
+        endpoint.url,
+        retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
+        socket_timeout=endpoint.socket_timeout_ms / 1000,
+        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
+        socket_keepalive=True,
+        client_name=name,
+        decode_responses=False,
+    )
+    return cluster
 
 
 def connect_sync(endpoint: RedisEndpoint, *, name: str) -> redis.Redis:

@@ -27,6 +27,7 @@ from gateway.epoch import Epoch
 from gateway.groups import Entry, GroupReader
 from gateway.metrics import Metrics
 from gateway.names import Names
+from gateway.tracing import InvalidationTracer
 from gateway.worker import Drain
 from proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
 from proto.envelope import Envelope
@@ -92,9 +93,11 @@ class Forwarder:
         mirror_max_len: int,
         heartbeat_interval_ms: int,
         drain: Drain,
+        tracer: InvalidationTracer,
     ) -> None:
         self.region = region
         self.drain = drain
+        self.tracer = tracer
         self.peer = peer
         self.reader = reader
         self.local = local
@@ -136,19 +139,25 @@ class Forwarder:
         epoch = self._follow_epoch()
         gap = self.pending_gap
         if valid or gap:
+            events, spans = self.tracer.start_forward(self.peer, self._mirror_keys[0], valid)
             batch = Batch(
                 origin=self.region,
                 epoch=epoch,
                 prev=self.last,
-                events=valid,
+                events=events,
                 sent_ms=int(self.clock.now_ms()),
                 gap_from=gap[0] if gap else None,
                 gap_to=gap[1] if gap else None,
             )
             kind = "batch" if valid else "notice"
             last = valid[-1].id if valid else self.last
-            delivered = await self._send(kind, batch, last)
-            if delivered is None:
+            try:
+                delivered = await self._send(kind, batch, last)
+            except BaseException:
+                self.tracer.end_forward(spans, duplicate=False)
+                raise
+            self.tracer.end_forward(spans, duplicate=delivered is False)
+            if delivered is None:  # a drain gave up on the peer: the entries stay pending
                 return
             if delivered:
                 self._forwarded.inc(len(valid))

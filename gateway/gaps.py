@@ -3,13 +3,16 @@
 A gap happens when an origin lost its stream (new epoch), when the origin trimmed entries a peer
 had not received (the hard cap on memory), or when mirror entries were lost before being applied.
 Each gap goes to the stream ``<namespace>:gaps`` with its origin, reason and ID range, raises
-``invalgw_gaps_total`` and is logged as a warning. The operator's resync follows from there.
+``invalgw_gaps_total`` and is logged as a warning. Then the resync runs: the region soft-expires
+the key patterns its policy names (``policy.resync_patterns``), staggered like any soft
+invalidation, so whatever the lost invalidations would have removed goes within the window.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from gateway.connections import AsyncRedis
 from gateway.metrics import Metrics
@@ -20,11 +23,21 @@ GAPS_MAX_LEN = 10_000
 
 
 class Gaps:
-    def __init__(self, client: AsyncRedis, stream: str, *, region: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        client: AsyncRedis,
+        stream: str,
+        *,
+        region: str,
+        metrics: Metrics,
+        resync: Callable[[str], None] | None = None,
+    ) -> None:
         self.client = client
         self.stream = stream
         self.region = region
         self.metrics = metrics
+        self.resync = resync
+        """Called with the origin after each recorded gap: starts the configured resync."""
 
     async def record(self, origin: str, reason: str, *, after: str, upto: str) -> None:
         """Record that invalidations from ``origin`` in (``after``, ``upto``] may be lost."""
@@ -50,3 +63,5 @@ class Gaps:
             maxlen=GAPS_MAX_LEN,
             approximate=True,
         )
+        if self.resync is not None:
+            self.resync(origin)

@@ -8,7 +8,9 @@ epoch and the ID it follows; a change of epoch or a jump past what was applied i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -16,11 +18,15 @@ from gateway.applier import id_ms
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
+from gateway.effects import Plan, plan_batch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
 from gateway.lag import LagWindow, LinkStatus, ack_with_status
 from gateway.metrics import Metrics
-from proto import Batch, Heartbeat, StreamId, decode_envelope
+from gateway.policy import Resolver
+from gateway.scanner import ScanJob, Scanner
+from gateway.tracing import InvalidationTracer
+from proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
 from proto.envelope import ENVELOPE_FIELD
 
 log = logging.getLogger(__name__)
@@ -43,8 +49,14 @@ class MirrorApplier:
         local_clock: ServerClock,
         status: LinkStatus,
         status_key: str,
+        resolver: Resolver,
+        scanner: Scanner,
+        tracer: InvalidationTracer,
     ) -> None:
         self.region = region
+        self.resolver = resolver
+        self.scanner = scanner
+        self.tracer = tracer
         self.origin = origin
         self.reader = reader
         self.cache = cache
@@ -56,7 +68,7 @@ class MirrorApplier:
         self.status_key = status_key
         self.window = LagWindow()
         self._lag = metrics.lag.labels(origin, region)
-        self._applied = metrics.applied.labels(region, origin, "unlink")
+        self._applied = metrics.applied
         self._removed = metrics.keys_removed.labels(region, origin)
         self._batch = metrics.batch_size.labels(region, "mirror")
 
@@ -71,6 +83,7 @@ class MirrorApplier:
         # if the cache cannot be reached and the mirror is then lost, the gap must still show.
         status = msgspec.structs.replace(self.status)
         batches: list[Batch] = []
+        scans: dict[bytes, list[Invalidation]] = {}
         dead: list[DeadLetter] = []
         gaps: list[Gap] = []
         for entry_id, fields in entries:
@@ -97,33 +110,55 @@ class MirrorApplier:
             status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
             if isinstance(envelope, Batch):
                 batches.append(envelope)
+                patterns = [event for event in envelope.events if event.pattern is not None]
+                if patterns:
+                    scans[entry_id] = patterns
         await self.dead_letters.put(self.reader.stream, dead)
-        keys = [key for batch in batches for event in batch.events for key in event.keys]
-        removed = await self.cache.unlink(keys)
+        events = [event for batch in batches for event in batch.events]
+        plan = plan_batch(events, self.origin, self.resolver)
+        started_ns = time.time_ns()
+        removed = await self.cache.apply(plan)
         for reason, after, upto in gaps:
             status.gaps += 1
             await self.gaps.record(self.origin, reason, after=after, upto=upto)
-        await ack_with_status(
-            self.reader, [entry_id for entry_id, _ in entries], self.status_key, status
-        )
+        for entry_id, patterns in scans.items():  # acknowledged once every walk is done
+            done = self._ack_after(entry_id, len(patterns))
+            for event in patterns:
+                self.scanner.submit(ScanJob(event, self.origin, done))
+        acked = [entry_id for entry_id, _ in entries if entry_id not in scans]
+        await ack_with_status(self.reader, acked, self.status_key, status)
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
             setattr(self.status, name, getattr(status, name))
-        self._record(batches, removed)
+        self._record(events, plan, removed, started_ns)
 
-    def _record(self, batches: list[Batch], removed: int) -> None:
-        count = sum(len(batch.events) for batch in batches)
-        self._batch.observe(count)
-        if not count:
+    def _ack_after(self, entry_id: bytes, walks: int) -> Callable[[], Awaitable[None]]:
+        """A callback that acknowledges ``entry_id`` when called for the ``walks``-th time."""
+        remaining = walks
+
+        async def done() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                await self.reader.ack([entry_id])
+
+        return done
+
+    def _record(
+        self, events: list[Invalidation], plan: Plan, removed: int, started_ns: int
+    ) -> None:
+        self._batch.observe(len(events))
+        if not events:
             return
-        self._applied.inc(count)
+        for op, count in Counter(event.op for event in events).items():
+            self._applied.labels(self.region, self.origin, op).inc(count)
         self._removed.inc(removed)
-        self.status.applied += count
+        self.status.applied += len(events)
         now = self.origin_now_ms()
-        for batch in batches:
-            for event in batch.events:
-                lag = max(0.0, now - id_ms(event.id))
-                self._lag.observe(lag / 1000)
-                self.window.add(lag)
+        lags = [max(0.0, now - id_ms(event.id)) for event in events]
+        for lag in lags:
+            self._lag.observe(lag / 1000)
+            self.window.add(lag)
+        self.tracer.applied(self.origin, self.reader.stream, events, started_ns, lags)
 
 
 Gap = tuple[str, str, str]

@@ -73,25 +73,29 @@ class Scanner:
         """Queue ``job`` unless the same entry is already queued or running (a redelivery)."""
         if job.key in self._active:
             return
+        try:
+            self._jobs.send_nowait(job)
+        except anyio.ClosedResourceError:  # stopped: the entry stays pending for the next run
+            return
         self._active.add(job.key)
         self._in_progress.set(len(self._active))
-        self._jobs.send_nowait(job)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run queued jobs one after the other until drained."""
         task_status.started()
-        while not self.drain.requested:
-            with self.drain.interruptible():
-                job = await self._queue.receive()
-            if self.drain.requested:
-                break
-            try:
-                await self._run(job)
-            finally:
-                self._active.discard(job.key)
-                self._in_progress.set(len(self._active))
+        with self._jobs, self._queue:
+            while not self.drain.requested:
+                with self.drain.interruptible():
+                    job = await self._queue.receive()
+                if self.drain.requested:
+                    break
+                try:
+                    await self._run(job)
+                finally:
+                    self._active.discard(job.key)
+                    self._in_progress.set(len(self._active))
 
     async def _run(self, job: ScanJob) -> None:
         failures = 0

@@ -11,6 +11,7 @@ Around them: trimming, clock sampling and status publishing.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -20,13 +21,15 @@ from functools import partial
 import anyio
 import anyio.abc
 import msgspec
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import start_http_server
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.applier import LocalApplier
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, connect, connect_cache
 from gateway.deadletter import DeadLetters
 from gateway.epoch import Epoch, EpochWatch
 from gateway.forwarder import Forwarder
@@ -36,9 +39,12 @@ from gateway.housekeeping import StatusSource, every, publish_status, sample_clo
 from gateway.lag import LinkStatus, status_decoder
 from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
+from gateway.policy import Resolver
 from gateway.receiver import MirrorApplier
+from gateway.scanner import ScanJob, Scanner
+from gateway.tracing import InvalidationTracer
 from gateway.worker import Drain, Stage, until_ok
-from proto import StreamId
+from proto import Invalidation, StreamId
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,15 @@ STATUS_INTERVAL_S = 1.0
 
 
 class Gateway:
-    def __init__(self, config: RegionConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RegionConfig,
+        *,
+        metrics: Metrics | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
+        self.tracer_provider = tracer_provider
         self.metrics = metrics or Metrics(config.region)
         self.drain = Drain()
         self.names = Names(config.streams.namespace, config.streams.local)
@@ -83,7 +96,11 @@ class Gateway:
         region = config.region
         local = self._client(config.redis, "local")
         reads = self._client(config.redis, "reads", retries=False)
-        cache_client = local if config.cache is None else self._client(config.cache, "cache")
+        cache_client = (
+            local
+            if config.cache is None
+            else connect_cache(config.cache, name=f"invalgw:{config.region}:cache")
+        )
         peers = {peer.name: self._client(peer, f"to:{peer.name}") for peer in config.peers}
         for client in {id(c): c for c in (local, reads, cache_client, *peers.values())}.values():
             stack.push_async_callback(_close, client)
@@ -102,7 +119,17 @@ class Gateway:
         if not ready:  # drained before the region's Redis could be reached
             task_status.started()
             return
-        cache = Cache(cache_client)
+        cache = Cache(cache_client, fence_ttl_ms=config.policy.fence_ttl_ms)
+        resolver = Resolver(config.policy, region, config.regions)
+        tracer = InvalidationTracer(region, self.tracer_provider)
+        scanner = Scanner(cache, resolver, region=region, metrics=metrics, drain=self.drain)
+        resyncs = itertools.count()
+
+        def resync(origin: str) -> None:
+            for pattern in config.policy.resync_patterns:
+                event = Invalidation(f"resync-{next(resyncs)}", "expire", [], pattern=pattern)
+                scanner.submit(ScanJob(event, origin, _nothing))
+
         dead = DeadLetters(
             local,
             names.dead_letters,
@@ -110,7 +137,7 @@ class Gateway:
             max_len=config.streams.dead_letter_max_len,
             metrics=metrics,
         )
-        gaps = Gaps(local, names.gaps, region=region, metrics=metrics)
+        gaps = Gaps(local, names.gaps, region=region, metrics=metrics, resync=resync)
         tuning = config.gateway
         consumer = config.consumer
 
@@ -163,6 +190,9 @@ class Gateway:
             status=statuses[region],
             status_key=names.status,
             epoch=epoch,
+            resolver=resolver,
+            scanner=scanner,
+            tracer=tracer,
         )
 
         async def local_entries_lost(ids: list[bytes]) -> None:
@@ -191,6 +221,7 @@ class Gateway:
                 mirror_max_len=config.streams.mirror_max_len,
                 heartbeat_interval_ms=tuning.heartbeat_interval_ms,
                 drain=self.drain,
+                tracer=tracer,
             )
             self.forwarders[peer.name] = forwarder
             stages.append(
@@ -216,6 +247,9 @@ class Gateway:
                 local_clock=local_clock,
                 status=statuses[peer.name],
                 status_key=names.status,
+                resolver=resolver,
+                scanner=scanner,
+                tracer=tracer,
             )
             stages.append(stage(f"from:{peer.name}", mirror_reader, mirror))
             sources.append(StatusSource(statuses[peer.name], mirror.window, mirror.origin_now_ms))
@@ -272,6 +306,7 @@ class Gateway:
                 chores.start_soon(partial(every, clock_every, peer_sample, name=f"clock of {name}"))
             chores.start_soon(partial(every, STATUS_INTERVAL_S, status, name="status"))
             async with anyio.create_task_group() as workers:
+                await workers.start(scanner.run)
                 for each in stages:
                     await workers.start(each.run)
                 log.info(
@@ -327,7 +362,11 @@ class Gateway:
         return for_stage
 
 
-async def _close(client: AsyncRedis) -> None:
+async def _nothing() -> None:
+    """A resync has no stream entry to acknowledge."""
+
+
+async def _close(client: AsyncRedis | RedisCluster) -> None:
     with anyio.move_on_after(2, shield=True):
         await client.aclose()
 

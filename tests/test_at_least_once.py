@@ -23,6 +23,7 @@ from gateway.groups import Entry, GroupReader
 from gateway.housekeeping import trim_stream
 from gateway.metrics import Metrics
 from gateway.names import APPLY_GROUP, Names, forward_group
+from gateway.tracing import InvalidationTracer
 from gateway.worker import Drain
 from proto import Batch, Limits, StreamId, decode_envelope, entry_fields
 from tests.conftest import (
@@ -327,6 +328,7 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
                 mirror_max_len=1000,
                 heartbeat_interval_ms=1000,
                 drain=Drain(),
+                tracer=InvalidationTracer("us-east"),
             )
 
         async def next_batch() -> list[Entry]:

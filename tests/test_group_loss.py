@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.config import RedisEndpoint
+from gateway.config import CacheEndpoint
 from gateway.lag import status_decoder
 from gateway.localredis import RedisProcess
 from gateway.names import Names
@@ -168,7 +168,7 @@ async def test_receiver_does_not_count_as_applied_what_it_failed_to_apply(
     cache = RedisProcess()
     west_config = msgspec.structs.replace(
         configs["eu-west"],
-        cache=RedisEndpoint(
+        cache=CacheEndpoint(
             url=cache.url, socket_timeout_ms=500, connect_timeout_ms=200, retries=0
         ),
     )
