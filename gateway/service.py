@@ -20,11 +20,13 @@ from functools import partial
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import msgspec
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import start_http_server
 from redis.asyncio.cluster import RedisCluster
 
+from gateway import tracing
 from gateway.applier import LocalApplier
 from gateway.cache import Cache
 from gateway.clock import ServerClock
@@ -377,7 +379,8 @@ async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
     First signal: drain (finish and acknowledge the batches in hand, close, exit 0), or give up
     after ``gateway.drain_timeout_ms``. Second signal: stop at once, exit 128 + signal number.
     """
-    gateway = Gateway(config, metrics=metrics)
+    provider = tracing.configure(f"invalgw-{config.region}")
+    gateway = Gateway(config, metrics=metrics, tracer_provider=provider)
     exit_code = 0
 
     async def watch(signals: AsyncIterator[signal.Signals]) -> None:
@@ -403,9 +406,13 @@ async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
         exit_code = 1
         gateway.force_stop()
 
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch, signals)
-            await gateway.run()
-            tg.cancel_scope.cancel()
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, signals)
+                await gateway.run()
+                tg.cancel_scope.cancel()
+    finally:
+        if provider is not None:  # flush what is buffered, but never hang on a dead collector
+            await anyio.to_thread.run_sync(tracing.shutdown, provider)
     return exit_code

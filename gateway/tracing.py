@@ -34,11 +34,14 @@ from proto import Invalidation
 log = logging.getLogger(__name__)
 
 _propagator = TraceContextTextMapPropagator()
+_SAMPLED_FLAGS = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)
 
 
 def sampled(traceparent: str | None) -> bool:
     """True for a well-formed ``traceparent`` whose sampled flag is set (cheap, no parsing)."""
-    return traceparent is not None and len(traceparent) == 55 and int(traceparent[-2:], 16) & 1 == 1
+    if traceparent is None or len(traceparent) != 55:
+        return False
+    return traceparent[-2:] in _SAMPLED_FLAGS
 
 
 def configure(service_name: str) -> TracerProvider | None:
@@ -69,6 +72,12 @@ def configure(service_name: str) -> TracerProvider | None:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
     return provider
+
+
+def shutdown(provider: TracerProvider, timeout_ms: int = 3000) -> None:
+    """Export the spans still buffered (waiting at most ``timeout_ms``), then stop."""
+    provider.force_flush(timeout_ms)
+    provider.shutdown()
 
 
 class InvalidationTracer:

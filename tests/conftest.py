@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 import redis.asyncio
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.config import RegionConfig, parse_config, to_toml
 from gateway.metrics import Metrics
@@ -121,11 +122,11 @@ def configs(session_servers: list[RedisServer], namespace: str) -> dict[str, Reg
 
 @asynccontextmanager
 async def running(
-    configs: dict[str, RegionConfig], *only: str
+    configs: dict[str, RegionConfig], *only: str, tracer_provider: TracerProvider | None = None
 ) -> AsyncIterator[dict[str, Gateway]]:
     """Run the regions' gateways in this process until the block ends (then drain them)."""
     gateways = {
-        name: Gateway(config, metrics=Metrics(name))
+        name: Gateway(config, metrics=Metrics(name), tracer_provider=tracer_provider)
         for name, config in configs.items()
         if not only or name in only
     }
