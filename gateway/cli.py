@@ -76,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("keys", nargs="+", metavar="KEY")
     publish.set_defaults(command=cmd_publish)
 
-    from gateway import bench, demo, probe, wanproxy
+    from gateway import bench, demo, lagcmd, probe, wanproxy
 
+    lagcmd.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)
     probe.add_parser(commands)
