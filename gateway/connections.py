@@ -6,6 +6,8 @@ gateway makes goes through here, so none of them runs with defaults.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
@@ -27,6 +29,12 @@ def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(
         cap=endpoint.backoff_cap_ms / 1000, base=endpoint.backoff_base_ms / 1000
     )
+
+
+class Connector(Protocol):
+    """Makes the gateway's clients (tests pass one that wraps them)."""
+
+    def __call__(self, endpoint: RedisEndpoint, *, name: str) -> AsyncRedis: ...
 
 
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:

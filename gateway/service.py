@@ -31,7 +31,7 @@ from gateway.applier import LocalApplier
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import REDIS_ERRORS, AsyncRedis, connect, connect_cache
+from gateway.connections import REDIS_ERRORS, AsyncRedis, Connector, connect, connect_cache
 from gateway.deadletter import DeadLetters
 from gateway.epoch import Epoch, EpochWatch
 from gateway.forwarder import Forwarder
@@ -61,9 +61,11 @@ class Gateway:
         *,
         metrics: Metrics | None = None,
         tracer_provider: TracerProvider | None = None,
+        connector: Connector = connect,
     ) -> None:
         self.config = config
         self.tracer_provider = tracer_provider
+        self._connect = connector
         self.metrics = metrics or Metrics(config.region)
         self.drain = Drain()
         self.names = Names(config.streams.namespace, config.streams.local)
@@ -91,7 +93,7 @@ class Gateway:
     def _client(self, endpoint: RedisEndpoint, role: str, *, retries: bool = True) -> AsyncRedis:
         if not retries:
             endpoint = msgspec.structs.replace(endpoint, retries=0)
-        return connect(endpoint, name=f"invalgw:{self.config.region}:{role}")
+        return self._connect(endpoint, name=f"invalgw:{self.config.region}:{role}")
 
     async def _run(self, stack: AsyncExitStack, task_status: anyio.abc.TaskStatus[None]) -> None:
         config, names, metrics = self.config, self.names, self.metrics

@@ -1,0 +1,88 @@
+"""Lag is measured on the Redis servers' clocks, corrected by their measured offset.
+
+The test makes us-east's Redis clock run 30 s behind, as every client sees it: its stream IDs
+(written with explicit millisecond parts) and its TIME replies. A naive lag (the receiver's clock
+minus the ID's time) would say 30 s; the gateway must still report the real lag, well under 1 s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from gateway.config import RedisEndpoint, RegionConfig
+from gateway.connections import AsyncRedis, connect
+from gateway.service import Gateway
+from tests.conftest import clients, running, wait_gone, wait_until
+
+pytestmark = pytest.mark.anyio
+
+SKEW_MS = -30_000
+
+
+def skewed_clock(url: str) -> Any:
+    """A connector whose clients see the Redis at ``url`` with its clock ``SKEW_MS`` off."""
+
+    def connector(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
+        client = connect(endpoint, name=name)
+        if endpoint.url == url:
+            real_time = client.time
+
+            async def time_off() -> tuple[int, int]:
+                seconds, micros = await real_time()
+                total = seconds * 1_000_000 + micros + SKEW_MS * 1000
+                return total // 1_000_000, total % 1_000_000
+
+            client.time = time_off  # type: ignore[method-assign,assignment]
+        return client
+
+    return connector
+
+
+async def test_lag_stays_right_when_the_origin_clock_is_off(
+    configs: dict[str, RegionConfig], namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin_url = configs["us-east"].redis.url
+    real_init = Gateway.__init__
+
+    def init(self: Gateway, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs, connector=skewed_clock(origin_url))
+
+    monkeypatch.setattr(Gateway, "__init__", init)
+    keys = [f"{namespace}:k:{i}" for i in range(50)]
+    stream = configs["us-east"].streams.local
+    async with clients(configs) as redis_by_region, running(configs) as gateways:
+        for client in redis_by_region.values():
+            await client.mset(dict.fromkeys(keys, "v"))
+        for i, key in enumerate(keys):  # IDs on the skewed clock, as its Redis would stamp them
+            stamp = int(time.time() * 1000) + SKEW_MS
+            await redis_by_region["us-east"].xadd(
+                stream, {"op": "unlink", "keys": key}, id=f"{stamp}-{i}"
+            )
+        for region, client in redis_by_region.items():
+            await wait_gone(client, keys, region=region)
+
+        seconds, _ = await redis_by_region["eu-west"].time()
+        naive_lag_s = seconds - (int(time.time() * 1000) + SKEW_MS) / 1000
+        assert naive_lag_s > 25  # the skew is real: a receiver's own clock would say ~30 s
+
+        for region in ("eu-west", "ap-south", "us-east"):
+            lag = gateways[region].metrics.lag.labels("us-east", region)
+            count, total = sample(lag, "_count"), sample(lag, "_sum")
+
+            async def observed(lag: Any = lag) -> bool:
+                return sample(lag, "_count") >= len(keys)
+
+            await wait_until(observed, what=f"{region} to observe the lag of every invalidation")
+            count, total = sample(lag, "_count"), sample(lag, "_sum")
+            assert total / count < 1.0, f"{region}: mean lag {total / count:.3f}s"
+
+
+def sample(histogram: Any, suffix: str) -> float:
+    for metric in histogram.collect():
+        for s in metric.samples:
+            if s.name.endswith(suffix):
+                return float(s.value)
+    raise AssertionError(f"no {suffix} sample")
