@@ -262,6 +262,7 @@ class Gateway:
             server, _thread = start_http_server(
                 config.metrics.port, config.metrics.host, registry=metrics.registry
             )
+            stack.callback(server.server_close)
             stack.callback(server.shutdown)
             log.info("metrics on http://%s:%d/metrics", config.metrics.host, config.metrics.port)
 

@@ -1,44 +1,55 @@
-# Sourced by scripts/test and scripts/demo: a virtualenv with the project, and a redis-server.
+# Sourced by scripts/test and scripts/demo: a virtualenv with the project, and the system tools.
 # Safe to run again: it only installs what is missing.
+#   ensure_venv                       .venv with invalgw (editable) and its test tools
+#   ensure_tools [promtool]           redis-server (and promtool, for the tests), via apt or brew
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    echo "invalgw needs Python 3.11 or newer (found: $("$PYTHON" --version 2>&1))." >&2
-    exit 1
-fi
+ensure_venv() {
+    local python=${PYTHON:-python3}
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "invalgw needs Python 3.11 or newer (found: $("$python" --version 2>&1))." >&2
+        exit 1
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "==> creating .venv"
+        "$python" -m venv .venv
+    fi
+    local stamp
+    stamp=.venv/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)
+    if [ ! -f "$stamp" ]; then
+        echo "==> installing invalgw and its test tools into .venv"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+        rm -f .venv/.installed-*
+        touch "$stamp"
+    fi
+}
 
-if [ ! -x .venv/bin/python ]; then
-    echo "==> creating .venv"
-    "$PYTHON" -m venv .venv
-fi
-stamp=.venv/.installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)
-if [ ! -f "$stamp" ]; then
-    echo "==> installing invalgw and its test tools into .venv"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-    rm -f .venv/.installed-*
-    touch "$stamp"
-fi
-
-if ! command -v redis-server >/dev/null 2>&1 && [ -z "${INVALGW_REDIS_SERVER:-}" ]; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "==> installing redis-server (apt)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
-        echo "==> installing redis-server (sudo apt)"
-        sudo apt-get update -qq
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    elif command -v brew >/dev/null 2>&1; then
-        echo "==> installing redis (brew)"
-        brew install redis
-    else
+ensure_tools() {
+    local apt=() brew=()
+    if ! command -v redis-server >/dev/null 2>&1 && [ -z "${INVALGW_REDIS_SERVER:-}" ]; then
+        apt+=(redis-server) brew+=(redis)
+    fi
+    if [ "${1:-}" = promtool ] && ! command -v promtool >/dev/null 2>&1; then
+        apt+=(prometheus) brew+=(prometheus)   # Debian ships promtool in "prometheus"
+    fi
+    if [ ${#apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        echo "==> installing ${apt[*]} (apt)"
+        $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${apt[@]}" >/dev/null
+    elif [ ${#brew[@]} -gt 0 ] && command -v brew >/dev/null 2>&1; then
+        echo "==> installing ${brew[*]} (brew)"
+        brew install "${brew[@]}"
+    fi
+    if ! command -v redis-server >/dev/null 2>&1 && [ -z "${INVALGW_REDIS_SERVER:-}" ]; then
         echo "redis-server is needed and was not found. Install Redis 7 or newer" >&2
         echo "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)," >&2
         echo "or set INVALGW_REDIS_SERVER to the redis-server binary." >&2
         exit 1
     fi
-fi
+}
