@@ -6,6 +6,7 @@ Each server keeps nothing on disk (no RDB, no AOF) and listens on 127.0.0.1 only
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -37,11 +38,26 @@ def find_redis_server() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+FREE_PORTS = range(20_000, 32_000)
+"""Where free ports are looked for: below Linux's ephemeral range (32768-60999), so a port found
+free is not taken a moment later by some process's outgoing connection."""
+
+
+def free_port(ports: range = FREE_PORTS) -> int:
+    """A port nothing listens on or is bound to on 127.0.0.1 right now."""
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise OSError(f"no free port found in {ports.start}-{ports.stop - 1}")
+
+
+class PortTaken(RuntimeError):
+    """redis-server could not listen: its port was taken by another process."""
 
 
 def port_in_use(port: int) -> bool:
@@ -64,6 +80,7 @@ class RedisProcess:
         """``own_session``: start the server in a session of its own, so a Ctrl-C in the
         terminal reaches only this process, which then stops the server in its own time."""
         self.binary = find_redis_server()
+        self._auto_port = port is None
         self.port = port or free_port()
         self.args = args
         self.own_session = own_session
@@ -83,6 +100,18 @@ class RedisProcess:
         return self.workdir / f"redis-{self.port}.log"
 
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        """Start the server and wait until it answers. A port picked by :func:`free_port` that
+        was taken in the meantime is swapped for another, a few times."""
+        for attempt in range(5):
+            try:
+                return self._start(timeout_s)
+            except PortTaken:
+                if not self._auto_port or attempt == 4:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout_s: float) -> RedisProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             self.binary,
@@ -124,7 +153,8 @@ class RedisProcess:
             while True:
                 if self.process is not None and self.process.poll() is not None:
                     log = self.logfile.read_text() if self.logfile.exists() else ""
-                    raise RuntimeError(f"redis-server on port {self.port} exited: {log[-2000:]}")
+                    failure = PortTaken if "Address already in use" in log else RuntimeError
+                    raise failure(f"redis-server on port {self.port} exited: {log[-2000:]}")
                 try:
                     if client.ping():
                         return

@@ -97,6 +97,11 @@ class Scanner:
                     self._active.discard(job.key)
                     self._in_progress.set(len(self._active))
 
+    def close(self) -> None:
+        """Take no more jobs (for a scanner that never ran; :meth:`run` closes on its own)."""
+        self._jobs.close()
+        self._queue.close()
+
     async def _run(self, job: ScanJob) -> None:
         failures = 0
         while not self.drain.requested:

@@ -1,57 +1,34 @@
-"""One region's gateway: wires the stages together and runs them until drained.
+"""One region's gateway: its stages and chores, run until drained, and the process around it.
 
-Stages (each its own consumer group, so each keeps its own cursor and backlog):
-
-- ``apply``: the local stream → UNLINK in this region's cache;
-- ``to:<peer>``: the local stream → the peer's mirror stream, one per peer;
-- ``mirror <origin>``: a mirror stream in this region → UNLINK here, one per peer.
-
-Around them: trimming, clock sampling and status publishing.
+The stages are in :mod:`gateway.stages`, the parts they share in :mod:`gateway.region`, the
+periodic work in :mod:`gateway.chores`. :func:`serve` adds what a supervised process needs:
+signals, a bounded drain, an exit status, and flushing traces on the way out.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from functools import partial
 
 import anyio
 import anyio.abc
 import anyio.to_thread
-import msgspec
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import start_http_server
-from redis.asyncio.cluster import RedisCluster
 
 from gateway import tracing
-from gateway.applier import LocalApplier
-from gateway.cache import Cache
-from gateway.clock import ServerClock
-from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import REDIS_ERRORS, AsyncRedis, Connector, connect, connect_cache
-from gateway.deadletter import DeadLetters
-from gateway.epoch import Epoch, EpochWatch
+from gateway.chores import Chores
+from gateway.config import RegionConfig
+from gateway.connections import REDIS_ERRORS, Connector, connect
 from gateway.forwarder import Forwarder
-from gateway.gaps import Gaps
-from gateway.groups import GroupReader
-from gateway.housekeeping import StatusSource, every, publish_status, sample_clock, trim_stream
-from gateway.lag import LinkStatus, status_decoder
 from gateway.metrics import Metrics
-from gateway.names import APPLY_GROUP, Names, forward_group
-from gateway.policy import Resolver
-from gateway.receiver import MirrorApplier
-from gateway.scanner import ScanJob, Scanner
-from gateway.tracing import InvalidationTracer
-from gateway.worker import Drain, Stage, until_ok
-from proto import Invalidation, StreamId
+from gateway.region import Region, open_region
+from gateway.stages import build_pipeline
+from gateway.worker import Drain, until_ok
 
 log = logging.getLogger(__name__)
-
-CLOCK_SAMPLE_INTERVAL_S = 5.0
-STATUS_INTERVAL_S = 1.0
 
 
 class Gateway:
@@ -64,11 +41,10 @@ class Gateway:
         connector: Connector = connect,
     ) -> None:
         self.config = config
-        self.tracer_provider = tracer_provider
-        self._connect = connector
         self.metrics = metrics or Metrics(config.region)
+        self.tracer_provider = tracer_provider
+        self.connector = connector
         self.drain = Drain()
-        self.names = Names(config.streams.namespace, config.streams.local)
         self.forwarders: dict[str, Forwarder] = {}
         self._force = anyio.CancelScope()
 
@@ -88,292 +64,60 @@ class Gateway:
         """Run until drained or force-stopped; reports ready when every stage has started."""
         with self._force:
             async with AsyncExitStack() as stack:
-                await self._run(stack, task_status)
-
-    def _client(self, endpoint: RedisEndpoint, role: str, *, retries: bool = True) -> AsyncRedis:
-        if not retries:
-            endpoint = msgspec.structs.replace(endpoint, retries=0)
-        return self._connect(endpoint, name=f"invalgw:{self.config.region}:{role}")
-
-    async def _run(self, stack: AsyncExitStack, task_status: anyio.abc.TaskStatus[None]) -> None:
-        config, names, metrics = self.config, self.names, self.metrics
-        region = config.region
-        local = self._client(config.redis, "local")
-        reads = self._client(config.redis, "reads", retries=False)
-        cache_client = (
-            local
-            if config.cache is None
-            else connect_cache(config.cache, name=f"invalgw:{config.region}:cache")
-        )
-        peers = {peer.name: self._client(peer, f"to:{peer.name}") for peer in config.peers}
-        for client in {id(c): c for c in (local, reads, cache_client, *peers.values())}.values():
-            stack.push_async_callback(_close, client)
-
-        on_error = self._error_counter(region)
-        local_clock = ServerClock()
-        peer_clocks = {name: ServerClock() for name in peers}
-        epoch = Epoch(local, names.epoch)
-        statuses: dict[str, LinkStatus] = {}
-        ready = await until_ok(
-            partial(self._prepare, epoch, local_clock, local, statuses, [region, *peers]),
-            self.drain,
-            name=f"{region}: connect",
-            on_error=on_error("connect"),
-        )
-        if not ready:  # drained before the region's Redis could be reached
-            task_status.started()
-            return
-        cache = Cache(cache_client, fence_ttl_ms=config.policy.fence_ttl_ms)
-        resolver = Resolver(config.policy, region, config.regions)
-        tracer = InvalidationTracer(region, self.tracer_provider)
-        scanner = Scanner(cache, resolver, region=region, metrics=metrics, drain=self.drain)
-        resyncs = itertools.count()
-
-        def resync(origin: str) -> None:
-            for pattern in config.policy.resync_patterns:
-                event = Invalidation(f"resync-{next(resyncs)}", "expire", [], pattern=pattern)
-                scanner.submit(ScanJob(event, origin, _nothing))
-
-        dead = DeadLetters(
-            local,
-            names.dead_letters,
-            region=region,
-            max_len=config.streams.dead_letter_max_len,
-            metrics=metrics,
-        )
-        gaps = Gaps(local, names.gaps, region=region, metrics=metrics, resync=resync)
-        tuning = config.gateway
-        consumer = config.consumer
-
-        def reader(stream: str, group: str, stage_name: str) -> GroupReader:
-            """A reader whose lost group is counted; on the local stream it also means lost
-            history, hence a new epoch (peers record the gap)."""
-            watch = EpochWatch(epoch) if stream == names.local_stream else None
-
-            async def recreated() -> None:
-                metrics.groups_recreated.labels(region, stage_name).inc()
-                if watch is not None:
-                    await watch.history_lost()
-
-            return GroupReader(
-                reads,
-                stream,
-                group,
-                consumer,
-                count=tuning.batch_size,
-                block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
-                on_recreated=recreated,
-                on_read=watch.read_ok if watch is not None else None,
-            )
-
-        def stage(name: str, group_reader: GroupReader, handler: object, **kw: object) -> Stage:
-            return Stage(
-                name,
-                group_reader,
-                handler,  # type: ignore[arg-type]
-                drain=self.drain,
-                on_error=on_error(name),
-                on_claimed=metrics.reclaimed.labels(region, name).inc,
-                claim_interval_ms=tuning.claim_interval_ms,
-                claim_idle_ms=tuning.claim_idle_ms,
-                backoff_cap_ms=tuning.retry_backoff_cap_ms,
-                **kw,  # type: ignore[arg-type]
-            )
-
-        stages: list[Stage] = []
-        apply_reader = reader(names.local_stream, APPLY_GROUP, "apply")
-        local_applier = LocalApplier(
-            region=region,
-            reader=apply_reader,
-            cache=cache,
-            dead_letters=dead,
-            gaps=gaps,
-            limits=config.limits,
-            metrics=metrics,
-            clock=local_clock,
-            status=statuses[region],
-            status_key=names.status,
-            epoch=epoch,
-            resolver=resolver,
-            scanner=scanner,
-            tracer=tracer,
-        )
-
-        async def local_entries_lost(ids: list[bytes]) -> None:
-            await gaps.record(
-                region,
-                "local entries deleted before they were applied",
-                after=str(StreamId.parse(ids[0]).previous()),
-                upto=ids[-1].decode(),
-            )
-
-        stages.append(stage("apply", apply_reader, local_applier, on_lost=local_entries_lost))
-        sources = [StatusSource(statuses[region], local_applier.window, local_clock.now_ms)]
-        for peer in config.peers:
-            forward_reader = reader(names.local_stream, forward_group(peer.name), f"to:{peer.name}")
-            forwarder = Forwarder(
-                region=region,
-                peer=peer.name,
-                reader=forward_reader,
-                local=local,
-                remote=peers[peer.name],
-                names=names,
-                epoch=epoch,
-                clock=local_clock,
-                metrics=metrics,
-                limits=config.limits,
-                mirror_max_len=config.streams.mirror_max_len,
-                heartbeat_interval_ms=tuning.heartbeat_interval_ms,
-                drain=self.drain,
-                tracer=tracer,
-            )
-            self.forwarders[peer.name] = forwarder
-            stages.append(
-                stage(
-                    f"to:{peer.name}",
-                    forward_reader,
-                    forwarder,
-                    idle=forwarder.idle,
-                    prepare=forwarder.load,
-                    on_lost=forwarder.entries_lost,
+                region = open_region(
+                    self.config,
+                    stack=stack,
+                    metrics=self.metrics,
+                    drain=self.drain,
+                    connector=self.connector,
+                    tracer_provider=self.tracer_provider,
                 )
-            )
-            mirror_reader = reader(names.mirror(peer.name), APPLY_GROUP, f"from:{peer.name}")
-            mirror = MirrorApplier(
-                region=region,
-                origin=peer.name,
-                reader=mirror_reader,
-                cache=cache,
-                dead_letters=dead,
-                gaps=gaps,
-                metrics=metrics,
-                origin_clock=peer_clocks[peer.name],
-                local_clock=local_clock,
-                status=statuses[peer.name],
-                status_key=names.status,
-                resolver=resolver,
-                scanner=scanner,
-                tracer=tracer,
-            )
-            stages.append(stage(f"from:{peer.name}", mirror_reader, mirror))
-            sources.append(StatusSource(statuses[peer.name], mirror.window, mirror.origin_now_ms))
-
-        if config.metrics.port:
-            server, _thread = start_http_server(
-                config.metrics.port, config.metrics.host, registry=metrics.registry
-            )
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
-            log.info("metrics on http://%s:%d/metrics", config.metrics.host, config.metrics.port)
-
-        async def on_local_gap(group: str, after: str, upto: str) -> None:
-            if group == APPLY_GROUP:
-                await gaps.record(region, "trimmed before local apply", after=after, upto=upto)
-            elif group.startswith("to:") and group[3:] in self.forwarders:
-                await self.forwarders[group[3:]].add_gap(after, upto)
-
-        async def trim() -> None:
-            positions = await trim_stream(
-                local,
-                names.local_stream,
-                max_len=config.streams.max_len,
-                on_gap=on_local_gap,
-                groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
-            )
-            for position in positions:
-                backlog = position.pending + (position.lag or 0)
-                metrics.backlog.labels(region, position.name).set(backlog)
-            for peer in config.peers:
-                await trim_stream(
-                    local, names.mirror(peer.name), max_len=config.streams.mirror_max_len
+                ready = await until_ok(
+                    region.prepare,
+                    self.drain,
+                    name=f"{region.name}: connect",
+                    on_error=region.counts_errors("connect"),
                 )
+                if not ready:  # drained before the region's Redis could be reached
+                    task_status.started()
+                    return
+                self._serve_metrics(stack)
+                await self._run(region, task_status)
 
-        async def sample_peer_clock(name: str) -> None:
-            await sample_clock(peer_clocks[name], peers[name])
-            offset = peer_clocks[name].offset_ms - local_clock.offset_ms
-            metrics.clock_offset.labels(region, name).set(offset / 1000)
-
-        async def status() -> None:
-            statuses[region].epoch = epoch.value
-            await publish_status(
-                local, names.status, sources, local_clock=local_clock, metrics=metrics
-            )
-
-        async with anyio.create_task_group() as chores:
-            trim_every = tuning.trim_interval_ms / 1000
-            trim_errors = on_error("trim")
-            chores.start_soon(partial(every, trim_every, trim, name="trim", on_error=trim_errors))
-            clock_every = CLOCK_SAMPLE_INTERVAL_S
-            local_sample = partial(sample_clock, local_clock, local)
-            chores.start_soon(partial(every, clock_every, local_sample, name="local clock"))
-            for name in peers:  # a task each: a peer that does not answer delays only its own
-                peer_sample = partial(sample_peer_clock, name)
-                chores.start_soon(partial(every, clock_every, peer_sample, name=f"clock of {name}"))
-            chores.start_soon(partial(every, STATUS_INTERVAL_S, status, name="status"))
+    async def _run(self, region: Region, task_status: anyio.abc.TaskStatus[None]) -> None:
+        pipeline = build_pipeline(region)
+        self.forwarders = pipeline.forwarders
+        chores = Chores(region, pipeline)
+        async with anyio.create_task_group() as background:
+            chores.start(background)
             async with anyio.create_task_group() as workers:
-                await workers.start(scanner.run)
-                for each in stages:
-                    await workers.start(each.run)
+                await workers.start(region.scanner.run)
+                for stage in pipeline.stages:
+                    await workers.start(stage.run)
                 log.info(
                     "gateway %s running: %d stages, peers %s",
-                    region,
-                    len(stages),
-                    ", ".join(peers) or "none",
+                    region.name,
+                    len(pipeline.stages),
+                    ", ".join(region.peers) or "none",
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
                 try:
-                    await status()  # the last word on what was applied
+                    await chores.publish_status()  # the last word on what was applied
                 except REDIS_ERRORS as exc:
                     log.warning("could not save the final status: %s", exc)
-            chores.cancel_scope.cancel()
+            background.cancel_scope.cancel()
 
-    async def _prepare(
-        self,
-        epoch: Epoch,
-        clock: ServerClock,
-        local: AsyncRedis,
-        statuses: dict[str, LinkStatus],
-        origins: list[str],
-    ) -> None:
-        """What every stage needs from the region's Redis before it starts (retried until ok)."""
-        await epoch.load()
-        await sample_clock(clock, local)
-        statuses.update(await self._load_statuses(local, origins))
-
-    async def _load_statuses(self, local: AsyncRedis, origins: list[str]) -> dict[str, LinkStatus]:
-        saved = await local.hgetall(self.names.status)
-        statuses: dict[str, LinkStatus] = {}
-        for origin in origins:
-            raw = saved.get(origin.encode())
-            status = LinkStatus(origin=origin, region=self.config.region)
-            if raw is not None:
-                try:
-                    status = status_decoder.decode(raw)
-                except ValueError:
-                    log.warning("ignoring unreadable saved status for %s", origin)
-            statuses[origin] = status
-        return statuses
-
-    def _error_counter(self, region: str) -> Callable[[str], Callable[[Exception], None]]:
-        def for_stage(stage: str) -> Callable[[Exception], None]:
-            target = stage[3:] if stage.startswith("to:") else region
-
-            def count(exc: Exception) -> None:
-                self.metrics.redis_errors.labels(region, target).inc()
-
-            return count
-
-        return for_stage
-
-
-async def _nothing() -> None:
-    """A resync has no stream entry to acknowledge."""
-
-
-async def _close(client: AsyncRedis | RedisCluster) -> None:
-    with anyio.move_on_after(2, shield=True):
-        await client.aclose()
+    def _serve_metrics(self, stack: AsyncExitStack) -> None:
+        metrics = self.config.metrics
+        if not metrics.port:
+            return
+        server, _thread = start_http_server(
+            metrics.port, metrics.host, registry=self.metrics.registry
+        )
+        stack.callback(server.server_close)
+        stack.callback(server.shutdown)
+        log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
 
 async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 import shutil
 import subprocess
 import time
@@ -13,14 +12,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.localredis import RedisProcess, port_in_use
+from gateway.localredis import RedisProcess, free_port, port_in_use
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too; both below 65536."""
+    """A free port whose cluster bus port (+10000) is free too, both below the ephemeral range."""
     while True:
-        port = random.randint(20000, 45000)
-        if not port_in_use(port) and not port_in_use(port + 10000):
+        port = free_port(range(10_000, 22_000))
+        if not port_in_use(port + 10_000):
             return port
 
 

@@ -215,7 +215,9 @@ async def test_a_blackholed_sender_is_pushed_back_and_nothing_is_lost() -> None:
                 proxy.heal()
                 sender.shutdown(socket.SHUT_WR)
                 await wait_until(
-                    lambda: _true(received_bytes == sent_bytes), what="every byte to arrive"
+                    lambda: _true(received_bytes == sent_bytes),
+                    seconds=30,
+                    what="every byte to arrive",
                 )
             assert received.digest() == sent.digest()
         tg.cancel_scope.cancel()

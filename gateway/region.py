@@ -1,0 +1,155 @@
+"""What the stages of one region's gateway share: clients, clocks, epoch, cache and friends.
+
+:func:`open_region` makes the clients (closed with the exit stack), and :meth:`Region.prepare`
+reads what must be known before any stage starts, retried until the region's Redis answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+from opentelemetry.sdk.trace import TracerProvider
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.cache import Cache
+from gateway.clock import ServerClock
+from gateway.config import RedisEndpoint, RegionConfig
+from gateway.connections import AsyncRedis, Connector, connect_cache
+from gateway.deadletter import DeadLetters
+from gateway.epoch import Epoch
+from gateway.gaps import Gaps
+from gateway.housekeeping import sample_clock
+from gateway.lag import LinkStatus, status_decoder
+from gateway.metrics import Metrics
+from gateway.names import Names
+from gateway.policy import Resolver
+from gateway.scanner import ScanJob, Scanner
+from gateway.tracing import InvalidationTracer
+from gateway.worker import Drain
+from proto import Invalidation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Region:
+    config: RegionConfig
+    names: Names
+    metrics: Metrics
+    drain: Drain
+    local: AsyncRedis
+    """The region's Redis, for writes and acknowledgements (retries on its own)."""
+    reads: AsyncRedis
+    """The same Redis for consumer-group reads: never retries on its own (see groups.py)."""
+    peers: dict[str, AsyncRedis]
+    cache: Cache
+    resolver: Resolver
+    tracer: InvalidationTracer
+    scanner: Scanner
+    dead_letters: DeadLetters
+    gaps: Gaps
+    epoch: Epoch
+    local_clock: ServerClock = field(default_factory=ServerClock)
+    peer_clocks: dict[str, ServerClock] = field(default_factory=dict)
+    statuses: dict[str, LinkStatus] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.region
+
+    def counts_errors(self, stage: str) -> Callable[[Exception], None]:
+        """An error counter for ``stage``: a forwarder's errors count against its peer."""
+        target = stage[3:] if stage.startswith("to:") else self.name
+        counter = self.metrics.redis_errors.labels(self.name, target)
+        return lambda _exc: counter.inc()
+
+    async def prepare(self) -> None:
+        """What every stage needs from the region's Redis before it starts."""
+        await self.epoch.load()
+        await sample_clock(self.local_clock, self.local)
+        saved = await self.local.hgetall(self.names.status)
+        for origin in self.config.regions:
+            raw = saved.get(origin.encode())
+            status = LinkStatus(origin=origin, region=self.name)
+            if raw is not None:
+                try:
+                    status = status_decoder.decode(raw)
+                except ValueError:
+                    log.warning("ignoring unreadable saved status for %s", origin)
+            self.statuses[origin] = status
+
+
+def open_region(
+    config: RegionConfig,
+    *,
+    stack: AsyncExitStack,
+    metrics: Metrics,
+    drain: Drain,
+    connector: Connector,
+    tracer_provider: TracerProvider | None,
+) -> Region:
+    """Make the region's clients (closed by ``stack``) and the parts built on them."""
+
+    def client(endpoint: RedisEndpoint, role: str) -> AsyncRedis:
+        return connector(endpoint, name=f"invalgw:{config.region}:{role}")
+
+    local = client(config.redis, "local")
+    reads = client(msgspec.structs.replace(config.redis, retries=0), "reads")
+    cache_client: AsyncRedis | RedisCluster = local
+    if config.cache is not None:
+        cache_client = connect_cache(config.cache, name=f"invalgw:{config.region}:cache")
+    peers = {peer.name: client(peer, f"to:{peer.name}") for peer in config.peers}
+    for each in {id(c): c for c in (local, reads, cache_client, *peers.values())}.values():
+        stack.push_async_callback(_close, each)
+
+    names = Names(config.streams.namespace, config.streams.local)
+    cache = Cache(cache_client, fence_ttl_ms=config.policy.fence_ttl_ms)
+    resolver = Resolver(config.policy, config.region, config.regions)
+    scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
+    stack.callback(scanner.close)
+    resyncs = itertools.count()
+
+    def resync(origin: str) -> None:
+        """A gap from ``origin``: soft-expire what the policy names, staggered as usual."""
+        for pattern in config.policy.resync_patterns:
+            event = Invalidation(f"resync-{next(resyncs)}", "expire", [], pattern=pattern)
+            scanner.submit(ScanJob(event, origin, _nothing))
+
+    return Region(
+        config=config,
+        names=names,
+        metrics=metrics,
+        drain=drain,
+        local=local,
+        reads=reads,
+        peers=peers,
+        cache=cache,
+        resolver=resolver,
+        tracer=InvalidationTracer(config.region, tracer_provider),
+        scanner=scanner,
+        dead_letters=DeadLetters(
+            local,
+            names.dead_letters,
+            region=config.region,
+            max_len=config.streams.dead_letter_max_len,
+            metrics=metrics,
+        ),
+        gaps=Gaps(local, names.gaps, region=config.region, metrics=metrics, resync=resync),
+        epoch=Epoch(local, names.epoch),
+        peer_clocks={name: ServerClock() for name in peers},
+    )
+
+
+async def _nothing() -> None:
+    """A resync has no stream entry to acknowledge."""
+
+
+async def _close(client: AsyncRedis | RedisCluster) -> None:
+    with anyio.move_on_after(2, shield=True):
+        await client.aclose()
