@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        code: int = args.command(args)
+        code: int = _unwrapped(args.command, args)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"invalgw: {line}", file=sys.stderr)
@@ -38,6 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _unwrapped(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``command``; an error of ours raised inside a task group comes out on its own."""
+    try:
+        return command(args)
+    except BaseExceptionGroup as group:
+        ours = group.subgroup(GatewayError)
+        if ours is None:
+            raise
+        first: BaseException = ours
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from gateway import tracing
 from gateway.chores import Chores
 from gateway.config import RegionConfig
 from gateway.connections import REDIS_ERRORS, Connector, connect
+from gateway.errors import GatewayError
 from gateway.forwarder import Forwarder
 from gateway.metrics import Metrics
 from gateway.region import Region, open_region
@@ -112,9 +113,15 @@ class Gateway:
         metrics = self.config.metrics
         if not metrics.port:
             return
-        server, _thread = start_http_server(
-            metrics.port, metrics.host, registry=self.metrics.registry
-        )
+        try:
+            server, _thread = start_http_server(
+                metrics.port, metrics.host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            raise GatewayError(
+                f"cannot serve metrics on {metrics.host}:{metrics.port} ({exc.strerror}); "
+                "free the port or change [metrics] port"
+            ) from None
         stack.callback(server.server_close)
         stack.callback(server.shutdown)
         log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)

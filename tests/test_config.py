@@ -660,3 +660,37 @@ def test_publish_to_an_unreachable_redis_exits_1(
     err = capsys.readouterr().err
     assert err.startswith(f"invalgw: us-east: {down}: ")
     assert len(err.splitlines()) == 1
+
+
+def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
+    """A gateway that cannot serve its metrics says so in one line, not with a traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from gateway.config import to_toml
+    from gateway.localredis import RedisProcess
+
+    server = RedisProcess().start()
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config = parse_config(
+                {"region": "us-east", "redis": {"url": server.url}, "metrics": {"port": port}}
+            )
+            path = tmp_path / "us-east.toml"
+            path.write_text(to_toml(config))
+            result = subprocess.run(
+                [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+    finally:
+        server.cleanup()
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port} (Address already in use)" in result.stderr
+    assert "Traceback" not in result.stderr
