@@ -85,6 +85,20 @@ def fence_key(key: str) -> str:
     return "{" + tag + "}" + FENCE_SUFFIX + ":" + key
 
 
+def is_fence_key(key: str) -> bool:
+    """Whether ``key`` is a tombstone made by :func:`fence_key`.
+
+    Pattern walks leave tombstones alone: a group pattern such as ``{user:1001}:*`` matches the
+    tombstones of the group's keys too, and deleting one would admit stale fills again.
+    """
+    if key.startswith("{"):
+        end = key.find("}")
+        marker = FENCE_SUFFIX + ":"
+        if end > 1 and key.startswith(marker, end + 1):
+            return fence_key(key[end + 1 + len(marker) :]) == key
+    return key.endswith(FENCE_SUFFIX) and fence_key(key[: -len(FENCE_SUFFIX)]) == key
+
+
 def canonical_version(text: str) -> str:
     """Validate a version (decimal digits, no leading zeros); raise ``ValueError`` if it is not."""
     if not text.isdigit() or not text.isascii() or (len(text) > 1 and text[0] == "0"):

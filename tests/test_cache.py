@@ -10,7 +10,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.cache import Cache
 from gateway.effects import Plan
-from gateway.fence import fence_key, fill
+from gateway.fence import fence_key, fill, is_fence_key
 from gateway.localredis import RedisProcess
 from tests.cluster import redis_cluster
 from tests.servers import RedisServer
@@ -117,3 +117,12 @@ async def test_scan_of_a_hash_tag_group(cache: Cache, namespace: str) -> None:
     async for batch in cache.scan(f"{{{namespace}:user:1001}}:*"):
         found.update(batch)
     assert found == group
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["user:7:profile", "{user:7}:profile", "odd}key", "a{}b", "with:invalgw:fence:inside"],
+)
+def test_tombstones_are_told_apart_from_the_keys_they_fence(key: str) -> None:
+    assert is_fence_key(fence_key(key))
+    assert not is_fence_key(key)
