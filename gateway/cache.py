@@ -92,6 +92,7 @@ class Cache:
             async for batch in _scan_node(self.client.execute_command, pattern, count):
                 yield batch
             return
+        await self.client.initialize()  # a fresh client knows no nodes yet: it would walk none
         nodes = self.client.get_primaries()
         if pattern.startswith("{") and "}" in pattern[2:]:
             tag = hash_tag(pattern)

@@ -126,3 +126,23 @@ async def test_scan_of_a_hash_tag_group(cache: Cache, namespace: str) -> None:
 def test_tombstones_are_told_apart_from_the_keys_they_fence(key: str) -> None:
     assert is_fence_key(fence_key(key))
     assert not is_fence_key(key)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["namespace", "hash-tag-group"])
+async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
+    cluster_nodes: list[RedisProcess], namespace: str, group: bool
+) -> None:
+    """After a restart, a pattern walk may be the first thing the gateway asks of its cluster
+    cache (a walk redone, a resync): the client does not know the nodes yet."""
+    prefix = f"{{{namespace}:user:1}}" if group else f"{namespace}:first"
+    keys = {f"{prefix}:{i}" for i in range(300)}
+    url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
+    setup = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    fresh = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        await populate(Cache(setup), keys)
+        found = {key async for batch in Cache(fresh).scan(f"{prefix}:*") for key in batch}
+    finally:
+        await setup.aclose()
+        await fresh.aclose()
+    assert found == keys
