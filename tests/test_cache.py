@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from gateway.cache import Cache
+from gateway.connections import REDIS_ERRORS
 from gateway.effects import Plan
 from gateway.fence import fence_key, fill, is_fence_key
 from gateway.localredis import RedisProcess
-from tests.cluster import redis_cluster
+from tests.cluster import cluster_port, redis_cluster
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +148,25 @@ async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
         await setup.aclose()
         await fresh.aclose()
     assert found == keys
+
+
+async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namespace: str) -> None:
+    """A cluster that lost a slot (its primary died, no replica took over) cannot be applied to
+    for a while: the error must be one the stages back off and retry on, not a crash."""
+    node = RedisProcess(
+        cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    )
+    node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
+    node.start()
+    admin = redis.asyncio.Redis(port=node.port, socket_timeout=5, socket_connect_timeout=2)
+    client = RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2)
+    try:
+        await admin.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
+        key = f"{namespace}:lost"
+        await admin.execute_command("CLUSTER DELSLOTS", key_slot(key.encode()))  # type: ignore[no-untyped-call]
+        with pytest.raises(REDIS_ERRORS):
+            await Cache(client).apply(Plan(unlink=[key]))
+    finally:
+        await client.aclose()
+        await admin.aclose()
+        node.cleanup()
