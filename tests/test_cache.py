@@ -150,6 +150,69 @@ async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
     assert found == keys
 
 
+async def move_slot(nodes: list[RedisProcess], slot: int, *, finish: bool) -> None:
+    """Reshard ``slot`` to another primary, as ``redis-cli --cluster reshard`` does: mark it
+    migrating, move its keys (half of them unless ``finish``), and with ``finish`` hand it over.
+    A client that cached the slot map before still sends the slot's keys to the old node."""
+    clients = {
+        node.port: redis.asyncio.Redis(port=node.port, socket_timeout=5, socket_connect_timeout=2)
+        for node in nodes
+    }
+    try:
+        ids = {
+            port: (await client.execute_command("CLUSTER MYID")).decode()  # type: ignore[no-untyped-call]
+            for port, client in clients.items()
+        }
+        any_client = next(iter(clients.values()))
+        for start, end, primary, *_ in await any_client.execute_command("CLUSTER SLOTS"):  # type: ignore[no-untyped-call]
+            if start <= slot <= end:
+                source = int(primary[1])
+        target = next(port for port in clients if port != source)
+        await clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])  # type: ignore[no-untyped-call]
+        await clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])  # type: ignore[no-untyped-call]
+        moving = await clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 10_000)  # type: ignore[no-untyped-call]
+        moving = moving if finish else moving[: len(moving) // 2]
+        await clients[source].execute_command(  # type: ignore[no-untyped-call]
+            "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *moving
+        )
+        if finish:
+            for client in clients.values():
+                await client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])  # type: ignore[no-untyped-call]
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["slot-moved", "slot-migrating"])
+async def test_effects_reach_keys_whose_slot_moved_under_the_client(
+    cluster_nodes: list[RedisProcess], namespace: str, finish: bool
+) -> None:
+    """The one-script apply goes to the node the client thinks serves the keys; when a slot has
+    moved (or is half way), that node refuses and the effects are redone slot by slot."""
+    url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
+    client = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    cache = Cache(client)
+    moving = [f"{{{namespace}:moving}}:{i}" for i in range(40)]
+    staying = [f"{namespace}:staying:{i}" for i in range(200)]
+    try:
+        await populate(cache, moving + staying)
+        await move_slot(cluster_nodes, key_slot(moving[0].encode()), finish=finish)
+        soft = [(key, 30_000) for key in moving[::2] + staying[::2]]
+        gone = moving[1::2] + staying[1::2]
+        removed = await cache.apply(Plan(unlink=gone, expire=soft))
+        assert removed <= len(gone)  # keys the refused script removed are not counted twice
+        async with client.pipeline(transaction=False) as pipe:
+            for key in gone:
+                pipe.execute_command("EXISTS", key)
+            for key, _ in soft:
+                pipe.execute_command("PTTL", key)
+            replies = await pipe.execute()
+    finally:
+        await client.aclose()
+    assert replies[: len(gone)] == [0] * len(gone)
+    assert all(0 < ttl <= 30_000 for ttl in replies[len(gone) :])
+
+
 async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namespace: str) -> None:
     """A cluster that lost a slot (its primary died, no replica took over) cannot be applied to
     for a while: the error must be one the stages back off and retry on, not a crash."""
