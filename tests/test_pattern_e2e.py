@@ -27,6 +27,7 @@ from gateway.service import Gateway
 from proto import entry_fields
 from tests.cluster import redis_cluster
 from tests.conftest import REGIONS, clients, make_configs, metric, running, wait_until
+from tests.processes import Processes
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -100,9 +101,9 @@ def by_node(
 
 async def populate_cluster(nodes: list[redis.asyncio.Redis], keys: Sequence[str]) -> None:
     """SET ``keys`` on a cluster fast: one MSET per hash slot, one pipeline per node."""
-    for node, groups in by_node(await slot_owners(nodes), keys).items():
+    for node, slot_groups in by_node(await slot_owners(nodes), keys).items():
         async with node.pipeline(transaction=False) as pipe:
-            for group in groups:
+            for group in slot_groups:
                 pipe.mset(dict.fromkeys(group, "cached"))
             await pipe.execute()
 
@@ -119,9 +120,9 @@ async def count_existing_cluster(nodes: list[redis.asyncio.Redis], keys: Sequenc
     """:func:`count_existing` on a cluster: one EXISTS per hash slot, one pipeline per node."""
     owners = await slot_owners(nodes)
     total = 0
-    for node, groups in by_node(owners, keys).items():
+    for node, slot_groups in by_node(owners, keys).items():
         async with node.pipeline(transaction=False) as pipe:
-            for group in groups:
+            for group in slot_groups:
                 pipe.exists(*group)
             total += sum(int(n) for n in await pipe.execute())
     return total
@@ -383,3 +384,87 @@ async def test_an_entry_batch_of_one_pattern_is_acknowledged_when_walked_without
         for name, gw in gateways.items()
     }
     assert set(errors.values()) == {0}, errors
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("region", "cluster"),
+    [("us-east", False), ("eu-west", False), ("eu-west", True)],
+    ids=["local", "mirror", "mirror-cluster-cache"],
+)
+async def test_a_walk_cut_short_by_sigkill_is_redone_on_restart(
+    request: pytest.FixtureRequest,
+    session_servers: list[RedisServer],
+    namespace: str,
+    processes: Processes,
+    region: str,
+    cluster: bool,
+) -> None:
+    """The walk's entry is acknowledged only when the walk is complete: a gateway killed half
+    way (SIGKILL: nothing drained) finds it pending when it starts again, and walks again; with
+    a cluster cache, the walk is then the first thing its fresh cluster client does."""
+    configs = make_configs(urls_of(session_servers), namespace)
+    names = Names(namespace, configs["us-east"].streams.local)
+    stream = names.local_stream if region == "us-east" else names.mirror("us-east")
+    walked = [f"{namespace}:pat:{i}" for i in range(WALKED_KEYS)]
+    kept = [f"{namespace}:keep:{i}" for i in range(KEPT_KEYS)]
+    sample = walked[::200]  # SCAN visits keys in hash order: a spread sample shows progress
+    nodes: list[redis.asyncio.Redis] = []
+    if cluster:
+        cluster_nodes: list[RedisProcess] = request.getfixturevalue("cluster_nodes")
+        url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
+        configs[region] = msgspec.structs.replace(
+            configs[region], cache=CacheEndpoint(url=url, cluster=True)
+        )
+        nodes = node_clients(cluster_nodes)
+    async with clients(configs) as redis_by_region:
+        client = redis_by_region[region]
+
+        async def existing(keys: Sequence[str]) -> int:
+            if cluster:
+                return await count_existing_cluster(nodes, keys)
+            return await count_existing(client, keys)
+
+        try:
+            await (
+                populate_cluster(nodes, walked + kept)
+                if cluster
+                else populate(client, walked + kept)
+            )
+            gateways = await anyio.to_thread.run_sync(processes.start_all, configs)
+            await redis_by_region["us-east"].xadd(
+                names.local_stream,
+                entry_fields(pattern=f"{namespace}:pat:*"),  # type: ignore[arg-type]
+            )
+
+            async def started() -> bool:
+                return await existing(sample) < len(sample)
+
+            await wait_until(started, interval=0.005, what=f"the walk to start in {region}")
+            gateways[region].kill()
+            left = await existing(walked)
+            assert 0 < left < len(walked), f"the walk was not cut short: {left} keys left"
+            info = await client.xinfo_groups(stream)
+            assert [group["pending"] for group in info if group["name"] == b"apply"] == [1]
+
+            restarted = processes.add(region, configs[region]).start()
+            await anyio.to_thread.run_sync(restarted.wait_ready)
+
+            async def all_walked() -> bool:
+                return await existing(walked) == 0
+
+            await wait_until(all_walked, seconds=30, what=f"every matching key gone in {region}")
+            assert await existing(kept) == KEPT_KEYS
+
+            async def acknowledged() -> bool:
+                summary = await client.xpending(stream, "apply")
+                return int(summary["pending"]) == 0
+
+            await wait_until(acknowledged, what="the pattern entry acknowledged")
+        finally:
+            for node in nodes:
+                await node.aclose()
+    assert "walking the cache" in restarted.log()
+    print(
+        f"\n{request.node.callspec.id}: killed with {left} of {len(walked)} keys left; walked again"
+    )
