@@ -233,3 +233,18 @@ async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namesp
         await client.aclose()
         await admin.aclose()
         node.cleanup()
+
+
+@pytest.mark.parametrize("odd", ["odd}key", "a{}b", "{}x"])
+async def test_keys_without_a_usable_hash_tag_can_be_fenced(
+    cache: Cache, namespace: str, odd: str
+) -> None:
+    """A key with a ``}`` but no hash tag cannot be wrapped in a tag: its tombstone still shares
+    its slot on a cluster (else every versioned invalidation of it fails, and its stage with it)."""
+    key = f"{namespace}:{odd}"
+    await cache.client.set(key, "old")
+    assert await cache.apply(Plan(fenced=[(key, "5", 0)])) == 1
+    assert key_slot(fence_key(key).encode()) == key_slot(key.encode())
+    assert is_fence_key(fence_key(key))
+    assert not await fill(cache.client, key, "read at 4", version=4)  # type: ignore[arg-type]
+    assert await fill(cache.client, key, "read at 5", version=5)  # type: ignore[arg-type]
