@@ -205,7 +205,7 @@ async def walk_while_live(
         gateway = gateways[region]
         async with anyio.create_task_group() as tg:
             tg.start_soon(traffic.run, cache, east, stream, stop)
-            await anyio.sleep(0.3)  # a few invalidations before the walk, for comparison
+            await anyio.sleep(0.3)  # ordinary traffic flowing before the walk starts
             started = time.monotonic()
             await east.xadd(stream, entry_fields(pattern=pattern))  # type: ignore[arg-type]
 
