@@ -21,8 +21,10 @@ from gateway.errors import RedisUnreachable
 AsyncRedis = redis.asyncio.Redis
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 """Errors that mean "this Redis is not reachable right now"."""
-REDIS_ERRORS = (redis.RedisError, OSError)
-"""Errors a pipeline stage survives: it backs off, rewinds and tries again; never fatal."""
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+"""Errors a pipeline stage survives: it backs off, rewinds and tries again; never fatal.
+(redis-py's cluster client raises ``RedisClusterException``, which is not a ``RedisError``,
+when the cluster does not cover every slot: a primary died and no replica took over.)"""
 
 
 def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:

@@ -78,8 +78,13 @@ status_decoder = msgspec.json.Decoder(LinkStatus)
 async def ack_with_status(
     reader: GroupReader, ids: Sequence[bytes], status_key: str, status: LinkStatus
 ) -> None:
-    """Acknowledge ``ids`` and save ``status`` in one round trip, so both survive a crash."""
+    """Acknowledge ``ids`` and save ``status`` in one round trip, so both survive a crash.
+
+    ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
+    of the cache end, and its status is saved now.
+    """
     async with reader.client.pipeline(transaction=True) as pipe:
-        pipe.xack(reader.stream, reader.group, *ids)
+        if ids:
+            pipe.xack(reader.stream, reader.group, *ids)
         pipe.hset(status_key, status.origin, status_encoder.encode(status))
         await pipe.execute()

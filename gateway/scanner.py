@@ -23,6 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from gateway.cache import Cache
 from gateway.connections import REDIS_ERRORS
 from gateway.effects import Plan, plan_keys
+from gateway.fence import is_fence_key
 from gateway.metrics import Metrics
 from gateway.policy import Resolver
 from gateway.worker import Drain, backoff_seconds, log_failure
@@ -123,7 +124,8 @@ class Scanner:
         matched = removed = 0
         log.info("pattern %r from %s: walking the cache", pattern, job.origin)
         keys_counter = self._keys.labels(self.region, job.origin)
-        async for keys in self.cache.scan(pattern, count=self.batch):
+        async for found in self.cache.scan(pattern, count=self.batch):
+            keys = [key for key in found if not is_fence_key(key)]
             plan = Plan()
             plan_keys(plan, keys, event.op, event.version, job.origin, self.resolver)
             removed += await self.cache.apply(plan)

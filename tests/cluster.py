@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import subprocess
 import time
@@ -12,15 +13,42 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.localredis import RedisProcess, free_port, port_in_use
+from gateway.localredis import RedisProcess, port_in_use
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too, both below the ephemeral range."""
+    """A free port whose cluster bus port (+10000) is free too, both below the kernel's range of
+    ephemeral ports: a port in that range can be taken at any moment by an outgoing connection
+    (seen here: the bus port's bind failed with "Address already in use")."""
+    top = _ephemeral_start() - 10_000
     while True:
-        port = free_port(range(10_000, 22_000))
-        if not port_in_use(port + 10_000):
+        port = random.randint(10_000, top - 1)
+        if not port_in_use(port) and not port_in_use(port + 10000):
             return port
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _start_node() -> RedisProcess:
+    """One cluster-enabled server; tries other ports if one is taken while it starts."""
+    for attempt in range(3):
+        node = RedisProcess(
+            cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+        )
+        node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
+        try:
+            return node.start()
+        except RuntimeError:
+            node.cleanup()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -28,12 +56,8 @@ def redis_cluster(primaries: int = 3) -> Iterator[list[RedisProcess]]:
     """Start ``primaries`` cluster-enabled servers, join them, wait until the cluster is ok."""
     nodes: list[RedisProcess] = []
     try:
-        for _ in range(primaries):
-            node = RedisProcess(
-                cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
-            )
-            node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
-            nodes.append(node.start())
+        while len(nodes) < primaries:  # one by one: those started are stopped if one fails
+            nodes.append(_start_node())
         subprocess.run(
             [
                 shutil.which("redis-cli") or "redis-cli",
