@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -76,6 +77,7 @@ class RedisProcess:
         workdir: str | os.PathLike[str] | None = None,
         args: tuple[str, ...] = (),
         own_session: bool = False,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         """``own_session``: start the server in a session of its own, so a Ctrl-C in the
         terminal reaches only this process, which then stops the server in its own time."""
@@ -84,6 +86,8 @@ class RedisProcess:
         self.port = port or free_port()
         self.args = args
         self.own_session = own_session
+        self.preexec = preexec
+        """Run in the child before exec (tests: die with the test process)."""
         self._own_dir = workdir is None
         # absolute: redis-server changes into --dir before it opens --logfile
         self.workdir = Path(
@@ -132,7 +136,10 @@ class RedisProcess:
             *self.args,
         ]
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, start_new_session=self.own_session
+            argv,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.own_session,
+            preexec_fn=self.preexec,
         )
         try:
             self.wait_ready(timeout_s)

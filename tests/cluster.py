@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.localredis import RedisProcess, port_in_use
+from tests.processes import die_with_parent
 
 
 def cluster_port() -> int:
@@ -39,7 +40,9 @@ def _start_node() -> RedisProcess:
     """One cluster-enabled server; tries other ports if one is taken while it starts."""
     for attempt in range(3):
         node = RedisProcess(
-            cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            cluster_port(),
+            args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
+            preexec=die_with_parent,
         )
         node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
         try:

@@ -28,8 +28,8 @@ READY_TEXT = "running: "
 """Logged by the gateway when every stage has started (``gateway <region> running: …``)."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGKILL the child if the test process dies, so no gateway outlives a crashed run."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGKILL the child if the test process dies, so nothing outlives a crashed run."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -67,7 +67,7 @@ class GatewayProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         return self
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.localredis import RedisProcess
+from tests.processes import die_with_parent
 
 
 def docker_available() -> bool:
@@ -99,5 +100,5 @@ def _start(args: tuple[str, ...]) -> RedisServer:
         container.start()
         port = int(container.get_exposed_port(6379))
         return RedisServer(port=port, _container=container, args=args)
-    process = RedisProcess(args=args).start()
+    process = RedisProcess(args=args, preexec=die_with_parent).start()
     return RedisServer(port=process.port, _process=process, args=args)

@@ -15,6 +15,7 @@ from gateway.effects import Plan
 from gateway.fence import fence_key, fill, is_fence_key
 from gateway.localredis import RedisProcess
 from tests.cluster import cluster_port, redis_cluster
+from tests.processes import die_with_parent
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -217,7 +218,9 @@ async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namesp
     """A cluster that lost a slot (its primary died, no replica took over) cannot be applied to
     for a while: the error must be one the stages back off and retry on, not a crash."""
     node = RedisProcess(
-        cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+        cluster_port(),
+        args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
+        preexec=die_with_parent,
     )
     node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
     node.start()

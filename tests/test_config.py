@@ -29,6 +29,7 @@ from gateway.errors import ConfigError
 from gateway.localredis import free_port
 from proto import Limits, parse_entry
 from tests.conftest import REGIONS, make_configs, write_config
+from tests.processes import die_with_parent
 from tests.servers import RedisServer
 
 REPO = Path(__file__).parent.parent
@@ -671,7 +672,7 @@ def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
     from gateway.config import to_toml
     from gateway.localredis import RedisProcess
 
-    server = RedisProcess().start()
+    server = RedisProcess(preexec=die_with_parent).start()
     try:
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))

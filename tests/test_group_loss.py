@@ -26,6 +26,7 @@ from tests.conftest import (
     wait_gone,
     wait_until,
 )
+from tests.processes import die_with_parent
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -165,7 +166,7 @@ async def test_receiver_does_not_count_as_applied_what_it_failed_to_apply(
     """eu-west reads envelopes but cannot reach its cache; then its Redis restarts empty and
     the envelopes are gone. They were never applied, so eu-west must record a gap for them."""
     configs = make_configs(urls_of(own_servers), namespace)
-    cache = RedisProcess()
+    cache = RedisProcess(preexec=die_with_parent)
     west_config = msgspec.structs.replace(
         configs["eu-west"],
         cache=CacheEndpoint(
