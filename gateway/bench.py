@@ -41,7 +41,7 @@ from gateway.benchload import (
     wait_gone,
     xadd_commands,
 )
-from gateway.benchrig import REGIONS, STREAM, Rig, interrupt_on_sigterm, redis_server_version
+from gateway.benchrig import REGIONS, STREAM, Child, Rig, interrupt_on_sigterm, redis_server_version
 from gateway.benchstats import (
     GATEWAY,
     NAIVE,
@@ -195,7 +195,7 @@ def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:
             count = args.invalidations
             if system == NAIVE:
                 count = min(count, args.naive_invalidations)
-            throughput = measure_throughput(rig, system, count)
+            throughput = measure_throughput(rig, system, count, children)
         for child in children:
             child.check_alive()
     finally:
@@ -241,15 +241,17 @@ def measure_latency(rig: Rig, system: str, args: argparse.Namespace) -> Latency:
     )
 
 
-def measure_throughput(rig: Rig, system: str, count: int) -> Throughput:
+def measure_throughput(rig: Rig, system: str, count: int, children: list[Child]) -> Throughput:
     prefix = f"{system}:tp"
     _say(f"{system} throughput: {count:,} invalidations, pipelined")
     for region in REGIONS:
         populate(rig.port(region), prefix, count, use_debug=rig.debug_populate)
     commands = xadd_commands(STREAM, prefix, count)
+    cpu_before = rig.cpu_times(children)
     start, produced = produce_all(rig.port(rig.origin), commands)
     timeout = max(120.0, count / 1000)
     gone = wait_gone(rig.clients, keys_of(prefix, count - 1), timeout_s=timeout, poll_s=0.005)
+    cpu_after = rig.cpu_times(children)
     for region, client in rig.clients.items():
         left = count_left(client, prefix)
         if left:
@@ -265,6 +267,9 @@ def measure_throughput(rig: Rig, system: str, count: int) -> Throughput:
         produce_seconds=produced - start,
         seconds=max(per_region.values()),
         per_region_seconds=per_region,
+        cpu_seconds={
+            name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before
+        },
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 REGIONS = ("us-east", "eu-west", "ap-south")
 NAMESPACE = "bench"
 STREAM = "bench:invalidations"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_server_version() -> tuple[int, ...]:
@@ -89,6 +99,9 @@ class Child:
     def stdout(self) -> IO[bytes]:
         assert self.process.stdout is not None
         return self.process.stdout
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.process.pid)
 
     def check_alive(self) -> None:
         code = self.process.poll()
@@ -193,6 +206,19 @@ class Rig:
         except redis.ResponseError:
             return False
         return True
+
+    def cpu_times(self, children: list[Child]) -> dict[str, float]:
+        """CPU seconds used so far by ``children`` and by each region's redis-server."""
+        times = {}
+        for region, server in self.servers.items():
+            used = cpu_seconds(server.process.pid) if server.process else None
+            if used is not None:
+                times[f"redis-{region}"] = used
+        for child in children:
+            used = child.cpu_seconds()
+            if used is not None:
+                times[child.name] = used
+        return times
 
     def flush(self) -> None:
         for client in self.clients.values():

@@ -37,6 +37,15 @@ class Throughput(msgspec.Struct, frozen=True, kw_only=True):
     """From the first XADD until the keys were gone in every region."""
     per_region_seconds: dict[str, float]
     """From the first XADD until the keys were gone in that region."""
+    cpu_seconds: dict[str, float] = {}
+    """CPU time each process of the system (and each redis-server) used in that interval:
+    a figure that other load on the machine disturbs far less than the rate."""
+
+    @property
+    def cpu_us_per_invalidation(self) -> dict[str, float]:
+        return {
+            name: seconds / self.invalidations * 1e6 for name, seconds in self.cpu_seconds.items()
+        }
 
     @property
     def rate(self) -> float:
@@ -240,6 +249,13 @@ def render(report: Report) -> str:
             for name, t in throughputs
         ]
         lines += _table(header, rows)
+        cpu = [(name, t.cpu_us_per_invalidation) for name, t in throughputs if t.cpu_seconds]
+        if cpu:
+            lines += ["", "CPU time per invalidation in that run (microseconds)"]
+            for name, per_process in cpu:
+                total = sum(per_process.values())
+                parts = ", ".join(f"{proc} {us:.1f}" for proc, us in per_process.items())
+                lines.append(f"  {name}: {total:.1f} in all; {parts}")
 
     latencies = [(name, r.latency) for name, r in systems if r.latency]
     if latencies:
