@@ -11,6 +11,7 @@ Around them: trimming, clock sampling and status publishing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 CLOCK_SAMPLE_INTERVAL_S = 5.0
 STATUS_INTERVAL_S = 1.0
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between young-generation collections (CPython's default is 700)."""
 
 
 class Gateway:
@@ -286,6 +289,20 @@ class Gateway:
         return for_stage
 
 
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process that handles batches.
+
+    A batch of 500 entries allocates thousands of short-lived containers (reply lists, field
+    dicts, invalidations), so with the default threshold every batch triggered several young
+    collections, each traversing the batch still in use. Collecting every 50,000 allocations
+    finds the batches already freed by reference counting; objects from start-up (imports,
+    config) are frozen out of every collection. Cost: up to some megabytes of extra garbage.
+    """
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def _close(client: AsyncRedis) -> None:
     with anyio.move_on_after(2, shield=True):
         await client.aclose()
@@ -297,6 +314,7 @@ async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
     First signal: drain (finish and acknowledge the batches in hand, close, exit 0), or give up
     after ``gateway.drain_timeout_ms``. Second signal: stop at once, exit 128 + signal number.
     """
+    tune_gc()
     gateway = Gateway(config, metrics=metrics)
     exit_code = 0
 
