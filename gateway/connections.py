@@ -6,6 +6,8 @@ gateway makes goes through here, so none of them runs with defaults.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -28,6 +30,11 @@ def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:
     )
 
 
+def _tcp_options(endpoint: RedisEndpoint) -> dict[str, Any]:
+    """Options only TCP connections take (a unix:// connection refuses them)."""
+    return {} if endpoint.url.startswith("unix:") else {"socket_keepalive": True}
+
+
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
     """An asyncio client for ``endpoint``; ``name`` shows in CLIENT LIST (``invalgw:us-east``)."""
     client: AsyncRedis = redis.asyncio.Redis.from_url(
@@ -35,9 +42,9 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
         socket_timeout=endpoint.socket_timeout_ms / 1000,
         socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
-        socket_keepalive=True,
         client_name=name,
         decode_responses=False,
+        **_tcp_options(endpoint),
     )
     return client
 
@@ -49,9 +56,9 @@ def connect_sync(endpoint: RedisEndpoint, *, name: str) -> redis.Redis:
         retry=Retry(_backoff(endpoint), endpoint.retries),
         socket_timeout=endpoint.socket_timeout_ms / 1000,
         socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
-        socket_keepalive=True,
         client_name=name,
         decode_responses=False,
+        **_tcp_options(endpoint),
     )
     return client
 
