@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -22,6 +23,47 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 """Errors that mean "this Redis is not reachable right now"."""
 REDIS_ERRORS = (redis.RedisError, OSError)
 """Errors a pipeline stage survives: it backs off, rewinds and tries again; never fatal."""
+
+
+class _HiredisPacking:
+    """Encodes commands with hiredis (C) instead of redis-py's asyncio encoder (Python).
+
+    redis-py's blocking client already does this; its asyncio client encodes every argument in
+    Python, which was a fifth of the gateway's CPU: an XACK of a batch has 500 IDs, an UNLINK
+    1000 keys. The bytes sent are the same. Arguments hiredis does not take (bool, None,
+    bytearray) go to redis-py's encoder, which raises its usual errors.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str | bytes) and (
+            " " in name if isinstance(name, str) else b" " in name
+        ):
+            args = (*name.split(), *args[1:])  # "CONFIG GET" is two arguments
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+            return packed
+
+
+class _Connection(_HiredisPacking, redis.asyncio.Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacking, redis.asyncio.SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+_HIREDIS_PACKING: dict[type[Any], type[Any]] = {
+    redis.asyncio.Connection: _Connection,
+    redis.asyncio.SSLConnection: _SSLConnection,
+    redis.asyncio.UnixDomainSocketConnection: _UnixConnection,
+}
 
 
 def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:
@@ -46,6 +88,8 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
         decode_responses=False,
         **_tcp_options(endpoint),
     )
+    pool = client.connection_pool  # no connection is made before the first command
+    pool.connection_class = _HIREDIS_PACKING.get(pool.connection_class, pool.connection_class)
     return client
 
 
