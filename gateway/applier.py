@@ -100,8 +100,7 @@ class LocalApplier:
         self._applied.inc(len(valid))
         self._removed.inc(removed)
         now = self.clock.now_ms()
-        for invalidation in valid:
-            lag = max(0.0, now - id_ms(invalidation.id))
-            self._lag.observe(lag / 1000)
-            self.window.add(lag)
+        lags = [max(0.0, now - id_ms(invalidation.id)) for invalidation in valid]
+        self._lag.observe_many([lag / 1000 for lag in lags])
+        self.window.extend(lags)
         self.status.applied += len(valid)

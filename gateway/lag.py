@@ -47,6 +47,14 @@ class LagWindow:
         self._samples: list[float] = []
         self._seen = 0
 
+    def extend(self, lags_ms: Sequence[float]) -> None:
+        if len(self._samples) + len(lags_ms) <= self.MAX_SAMPLES:
+            self._seen += len(lags_ms)
+            self._samples.extend(lags_ms)
+        else:
+            for lag_ms in lags_ms:
+                self.add(lag_ms)
+
     def add(self, lag_ms: float) -> None:
         self._seen += 1
         if len(self._samples) < self.MAX_SAMPLES:

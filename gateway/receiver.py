@@ -145,8 +145,6 @@ class MirrorApplier:
         self._removed.inc(removed)
         self.status.applied += count
         now = self.origin_now_ms()
-        for batch in batches:
-            for event in batch.events:
-                lag = max(0.0, now - id_ms(event.id))
-                self._lag.observe(lag / 1000)
-                self.window.add(lag)
+        lags = [max(0.0, now - id_ms(event.id)) for batch in batches for event in batch.events]
+        self._lag.observe_many([lag / 1000 for lag in lags])
+        self.window.extend(lags)
