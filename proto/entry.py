@@ -111,8 +111,17 @@ def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
     return out
 
 
+_USUAL_FIELDS = ({b"v", b"op", b"keys"}, {b"op", b"keys"})
+_VERSION = str(CONTRACT_VERSION)
+
+
 def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     """Validate one stream entry; raise :class:`InvalidEntry` with the reason if it is not valid."""
+    usual = _parse_usual(entry_id, fields, limits)
+    return usual if usual is not None else _parse_any(entry_id, fields, limits)
+
+
+def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     if not fields:
         raise InvalidEntry("entry has no fields (it was deleted or trimmed)", "deleted")
     for name, value in fields.items():
@@ -127,7 +136,7 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
         entry = msgspec.convert(text, ProducerEntry)
     except msgspec.ValidationError as exc:
         raise InvalidEntry(*_field_error(exc)) from None
-    if entry.v != str(CONTRACT_VERSION):
+    if entry.v != _VERSION:
         raise InvalidEntry(
             f"unsupported contract version v={entry.v!r}; this gateway reads v={CONTRACT_VERSION}",
             "bad_version",
@@ -151,6 +160,26 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
                 "key_too_long",
             )
     return Invalidation(entry_id, entry.op, keys, entry.traceparent or None, entry.source or None)
+
+
+def _parse_usual(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation | None:
+    """The entry most producers write (``v 1``, ``op unlink``, keys split on whitespace, nothing
+    else), validated with a fraction of the general path's work; None for any other entry, and
+    for any problem, which the general path then describes."""
+    if fields.keys() not in _USUAL_FIELDS or fields[b"op"] != b"unlink":
+        return None
+    if fields.get(b"v", b"1") != b"1":
+        return None
+    raw = fields[b"keys"]
+    if len(raw) > limits.max_field_bytes:
+        return None
+    try:
+        keys = raw.decode().split()
+    except UnicodeDecodeError:
+        return None
+    if not keys or len(keys) > limits.max_keys or len(raw) > limits.max_key_bytes:
+        return None
+    return Invalidation(entry_id, "unlink", keys)
 
 
 def _split_keys(keys: str, sep: str | None) -> list[str]:
