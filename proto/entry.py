@@ -153,7 +153,7 @@ def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Inv
             raise InvalidEntry(
                 "empty key: 'keys' has two separators in a row or at an end", "empty_key"
             )
-        if len(key) > limits.max_key_bytes and len(key.encode()) > limits.max_key_bytes:
+        if len(key.encode()) > limits.max_key_bytes:
             raise InvalidEntry(
                 f"key {key[:40]!r}... is {len(key.encode())} bytes, "
                 f"over the limit of {limits.max_key_bytes}",

@@ -78,3 +78,12 @@ def test_the_usual_entry_is_parsed() -> None:
     assert parse_entry("5-0", fields, Limits()) == Invalidation(
         "5-0", "unlink", ["user:1", "user:2"]
     )
+
+
+def test_key_limit_counts_bytes_not_characters() -> None:
+    six_chars_twelve_bytes = "\u00e9" * 6
+    fields = {b"op": b"unlink", b"keys": f"ok {six_chars_twelve_bytes}".encode()}
+    with pytest.raises(InvalidEntry) as caught:
+        parse_entry("1-1", fields, LIMITS)
+    assert caught.value.code == "key_too_long"
+    assert "12 bytes" in caught.value.reason
