@@ -189,7 +189,7 @@ def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:
         _say("starting 3 naive forwarders (baseline)")
         children = rig.start_naive()
     try:
-        latency = None if args.skip_latency else measure_latency(rig, system, args)
+        latency = None if args.skip_latency else measure_latency(rig, system, args, children)
         throughput = None
         if not args.skip_throughput:
             count = args.invalidations
@@ -203,7 +203,9 @@ def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:
     return SystemResult(throughput=throughput, latency=latency)
 
 
-def measure_latency(rig: Rig, system: str, args: argparse.Namespace) -> Latency:
+def measure_latency(
+    rig: Rig, system: str, args: argparse.Namespace, children: list[Child]
+) -> Latency:
     prefix = f"{system}:lat"
     warmup = round(args.warmup * args.rate)
     total = warmup + round(args.duration * args.rate)
@@ -214,7 +216,9 @@ def measure_latency(rig: Rig, system: str, args: argparse.Namespace) -> Latency:
     rig.keyspace_events("Eg")
     subscribers = rig.start_subscribers(prefix)
     try:
+        cpu_before = rig.cpu_times(children)
         sent_at, elapsed = produce_paced(rig.port(rig.origin), commands, args.rate)
+        cpu_after = rig.cpu_times(children)
         wait_gone(rig.clients, keys_of(prefix, total - 1), timeout_s=60 + total / 1000)
         for client in rig.clients.values():
             client.publish(DEL_EVENTS, STOP)
@@ -238,6 +242,7 @@ def measure_latency(rig: Rig, system: str, args: argparse.Namespace) -> Latency:
         measured=total - warmup,
         per_region=per_region,
         missing=missing,
+        cpu_share={name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_after},
     )
 
 

@@ -65,6 +65,8 @@ class Latency(msgspec.Struct, frozen=True, kw_only=True):
     per_region: dict[str, Percentiles]
     missing: dict[str, int]
     """Measured invalidations whose keys were never seen gone in that region (should be 0)."""
+    cpu_share: dict[str, float] = {}
+    """Share of one CPU each process (and each redis-server) used while the producer ran."""
 
 
 class SystemResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -288,6 +290,10 @@ def render(report: Report) -> str:
                     ]
                 )
         lines += _table(header, rows)
+        for name, lat in latencies:
+            if lat.cpu_share:
+                parts = ", ".join(f"{proc} {share:.0%}" for proc, share in lat.cpu_share.items())
+                lines.append(f"  {name} CPU at that rate (share of one core): {parts}")
 
     if report.ratios is not None:
         ratios = report.ratios
