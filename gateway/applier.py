@@ -42,6 +42,24 @@ def parse_batch(
     return valid, dead, lost
 
 
+async def apply_and_ack(
+    cache: Cache,
+    reader: GroupReader,
+    entries: Sequence[Entry],
+    keys: Sequence[str],
+    status_key: str,
+    status: LinkStatus,
+) -> int:
+    """Unlink ``keys``, then acknowledge ``entries`` with ``status``: one transaction when the
+    cache is the stream's Redis, else the cache first. Returns how many keys existed."""
+    ids = [entry_id for entry_id, _ in entries]
+    if cache.in_stream_redis:
+        return await ack_with_status(reader, ids, status_key, status, unlink=keys)
+    removed = await cache.unlink(keys)
+    await ack_with_status(reader, ids, status_key, status)
+    return removed
+
+
 class LocalApplier:
     """Handler of the ``apply`` group on the local stream."""
 
@@ -85,11 +103,10 @@ class LocalApplier:
                 upto=lost[-1].decode(),
             )
         keys = [key for invalidation in valid for key in invalidation.keys]
-        removed = await self.cache.unlink(keys)
         if valid:
             self.status.last_id = valid[-1].id
-        await ack_with_status(
-            self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
+        removed = await apply_and_ack(
+            self.cache, self.reader, entries, keys, self.status_key, self.status
         )
         self._record(valid, removed)
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from gateway.cache import queue_unlink
 from gateway.groups import GroupReader
 
 
@@ -81,10 +82,22 @@ status_decoder = msgspec.json.Decoder(LinkStatus)
 
 
 async def ack_with_status(
-    reader: GroupReader, ids: Sequence[bytes], status_key: str, status: LinkStatus
-) -> None:
-    """Acknowledge ``ids`` and save ``status`` in one round trip, so both survive a crash."""
+    reader: GroupReader,
+    ids: Sequence[bytes],
+    status_key: str,
+    status: LinkStatus,
+    *,
+    unlink: Sequence[str] = (),
+) -> int:
+    """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
+
+    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
+    and its acknowledgement take one round trip and land together or not at all. Returns how
+    many of them existed.
+    """
     async with reader.client.pipeline(transaction=True) as pipe:
+        unlinks = queue_unlink(pipe, unlink)
         pipe.xack(reader.stream, reader.group, *ids)
         pipe.hset(status_key, status.origin, status_encoder.encode(status))
-        await pipe.execute()
+        results = await pipe.execute()
+    return sum(results[:unlinks])

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import msgspec
 
-from gateway.applier import id_ms
+from gateway.applier import apply_and_ack, id_ms
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, ack_with_status
+from gateway.lag import LagWindow, LinkStatus
 from gateway.metrics import Metrics
 from proto import Batch, Heartbeat, StreamId, decode_envelope
 from proto.envelope import ENVELOPE_FIELD
@@ -86,9 +86,8 @@ class MirrorApplier:
                 batches.append(envelope)
         await self.dead_letters.put(self.reader.stream, dead)
         keys = [key for batch in batches for event in batch.events for key in event.keys]
-        removed = await self.cache.unlink(keys)
-        await ack_with_status(
-            self.reader, [entry_id for entry_id, _ in entries], self.status_key, self.status
+        removed = await apply_and_ack(
+            self.cache, self.reader, entries, keys, self.status_key, self.status
         )
         self._record(batches, removed)
 

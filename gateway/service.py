@@ -102,7 +102,7 @@ class Gateway:
         )
         if not ready:
             return
-        cache = Cache(cache_client)
+        cache = Cache(cache_client, in_stream_redis=config.cache is None)
         dead = DeadLetters(
             local,
             names.dead_letters,
