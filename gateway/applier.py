@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from gateway.cache import Cache
+from gateway.cache import UNLINK_CHUNK, Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.gaps import Gaps
@@ -50,10 +50,14 @@ async def apply_and_ack(
     status_key: str,
     status: LinkStatus,
 ) -> int:
-    """Unlink ``keys``, then acknowledge ``entries`` with ``status``: one transaction when the
-    cache is the stream's Redis, else the cache first. Returns how many keys existed."""
+    """Unlink ``keys``, then acknowledge ``entries`` with ``status``. Returns how many keys existed.
+
+    One transaction when the cache is the stream's Redis and the keys fit one UNLINK; otherwise
+    the keys go first, in UNLINKs of :data:`UNLINK_CHUNK` keys that other clients can interleave
+    with (a transaction would hold the Redis for the whole batch).
+    """
     ids = [entry_id for entry_id, _ in entries]
-    if cache.in_stream_redis:
+    if cache.in_stream_redis and len(keys) <= UNLINK_CHUNK:
         return await ack_with_status(reader, ids, status_key, status, unlink=keys)
     removed = await cache.unlink(keys)
     await ack_with_status(reader, ids, status_key, status)

@@ -93,7 +93,7 @@ async def ack_with_status(
 
     ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
     and its acknowledgement take one round trip and land together or not at all. Returns how
-    many of them existed.
+    many of them existed. Keep them few: the transaction holds the Redis while it runs.
     """
     async with reader.client.pipeline(transaction=True) as pipe:
         unlinks = queue_unlink(pipe, unlink)

@@ -1,5 +1,5 @@
-"""Both ways an applier can take effect: in the stream's Redis (one transaction with the
-acknowledgement), and in a cache that is another Redis (unlink there first)."""
+"""Every way an applier can take effect: in the stream's Redis (one transaction with the
+acknowledgement), in a cache that is another Redis, and in batches too large for one UNLINK."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import msgspec
 import pytest
 import redis.asyncio
 
+from gateway.cache import UNLINK_CHUNK
 from gateway.config import RedisEndpoint, RegionConfig
 from gateway.producer import Invalidator
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
@@ -53,3 +54,19 @@ async def test_a_cache_in_another_database_is_invalidated_everywhere(
 
 def _with_cache(config: RegionConfig, url: str) -> RegionConfig:
     return msgspec.structs.replace(config, cache=RedisEndpoint(url=url))
+
+
+async def test_a_batch_of_more_keys_than_one_unlink_takes_is_applied_everywhere(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    keys = [f"{namespace}:item:{n}" for n in range(2 * UNLINK_CHUNK + 10)]
+    per_entry = len(keys) // 3  # within the producer contract's limit of keys per entry
+    async with clients(configs) as by_region:
+        for client in by_region.values():
+            await client.mset(dict.fromkeys(keys, "cached"))
+        invalidator = Invalidator(by_region["us-east"], stream=configs["us-east"].streams.local)
+        for start in range(0, len(keys), per_entry):  # written before the gateways start,
+            await invalidator.invalidate(*keys[start : start + per_entry])  # so: one batch
+        async with running(configs):
+            for region, client in by_region.items():
+                await wait_gone(client, keys, region=region)
