@@ -10,7 +10,7 @@ from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, ack_with_status
+from gateway.lag import LagWindow, LinkStatus, ack_with_status, lag_counts
 from gateway.metrics import Metrics
 from proto import Invalidation, InvalidEntry, Limits, parse_entry
 
@@ -120,8 +120,7 @@ class LocalApplier:
             return
         self._applied.inc(len(valid))
         self._removed.inc(removed)
-        now = self.clock.now_ms()
-        lags = [max(0.0, now - id_ms(invalidation.id)) for invalidation in valid]
-        self._lag.observe_many([lag / 1000 for lag in lags])
-        self.window.extend(lags)
+        lags = lag_counts([invalidation.id for invalidation in valid], self.clock.now_ms())
+        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
+        self.window.add_counts(lags)
         self.status.applied += len(valid)

@@ -8,7 +8,8 @@ running and ``redis-cli HGETALL`` shows it to a person.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
@@ -39,6 +40,14 @@ class LinkStatus(msgspec.Struct, kw_only=True):
     gaps: int = 0
 
 
+def lag_counts(origin_ids: Iterable[str], now_ms: float) -> list[tuple[float, int]]:
+    """Lags of invalidations with these origin IDs, seen at ``now_ms`` on the origin's clock,
+    as (lag in ms, how many): one pair per distinct millisecond, and a busy batch holds dozens
+    of invalidations per millisecond."""
+    stamps = Counter([origin_id.partition("-")[0] for origin_id in origin_ids])
+    return [(max(0.0, now_ms - int(ms)), count) for ms, count in stamps.items()]
+
+
 class LagWindow:
     """Lag samples of the current interval; :meth:`take` summarises and starts a new one."""
 
@@ -47,33 +56,40 @@ class LagWindow:
     def __init__(self) -> None:
         self._samples: list[float] = []
         self._seen = 0
-
-    def extend(self, lags_ms: Sequence[float]) -> None:
-        if len(self._samples) + len(lags_ms) <= self.MAX_SAMPLES:
-            self._seen += len(lags_ms)
-            self._samples.extend(lags_ms)
-        else:
-            for lag_ms in lags_ms:
-                self.add(lag_ms)
+        self._max: float | None = None
 
     def add(self, lag_ms: float) -> None:
-        self._seen += 1
-        if len(self._samples) < self.MAX_SAMPLES:
-            self._samples.append(lag_ms)
-        else:  # keep a uniform sample of a busy interval
-            slot = random.randrange(self._seen)
-            if slot < self.MAX_SAMPLES:
-                self._samples[slot] = lag_ms
+        self.add_counts([(lag_ms, 1)])
+
+    def add_counts(self, counts: Iterable[tuple[float, int]]) -> None:
+        """Add ``count`` samples of each ``lag_ms``; past MAX_SAMPLES, keep a uniform sample."""
+        samples, limit = self._samples, self.MAX_SAMPLES
+        for lag_ms, count in counts:
+            self._seen += count
+            if self._max is None or lag_ms > self._max:
+                self._max = lag_ms
+            room = limit - len(samples)
+            if room >= count:
+                samples.extend([lag_ms] * count)
+                continue
+            samples.extend([lag_ms] * room)
+            # Reservoir sampling, a batch at a time: each further sample is kept with
+            # probability limit / seen, in a random slot.
+            expected = (count - room) * limit / self._seen
+            kept = int(expected) + (random.random() < expected % 1)
+            for _ in range(kept):
+                samples[random.randrange(limit)] = lag_ms
 
     def take(self) -> tuple[float | None, float | None, float | None]:
         """(p50, p99, max) of the interval, then reset."""
         samples, self._samples, self._seen = sorted(self._samples), [], 0
+        largest, self._max = self._max, None
         if not samples:
             return None, None, None
         return (
             samples[len(samples) // 2],
             samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
-            samples[-1],
+            largest,
         )
 
 

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import msgspec
 
-from gateway.applier import apply_and_ack, id_ms
+from gateway.applier import apply_and_ack
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus
+from gateway.lag import LagWindow, LinkStatus, lag_counts
 from gateway.metrics import Metrics
 from proto import Batch, Heartbeat, StreamId, decode_envelope
 from proto.envelope import ENVELOPE_FIELD
@@ -143,7 +143,7 @@ class MirrorApplier:
         self._applied.inc(count)
         self._removed.inc(removed)
         self.status.applied += count
-        now = self.origin_now_ms()
-        lags = [max(0.0, now - id_ms(event.id)) for batch in batches for event in batch.events]
-        self._lag.observe_many([lag / 1000 for lag in lags])
-        self.window.extend(lags)
+        ids = [event.id for batch in batches for event in batch.events]
+        lags = lag_counts(ids, self.origin_now_ms())
+        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
+        self.window.add_counts(lags)

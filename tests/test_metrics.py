@@ -32,3 +32,14 @@ def test_batch_observations_match_one_by_one_observations() -> None:
     assert _exposition(ours) == _exposition(theirs)
     count = ours.get_sample_value("lag_seconds_count", {"origin": "us-east", "region": "eu-west"})
     assert count == len(VALUES)
+
+
+def test_counted_observations_equal_repeated_ones() -> None:
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("lag_seconds", "Lag.", ["origin"], buckets=LAG_BUCKETS, registry=theirs)
+    batched = BatchHistogram("lag_seconds", "Lag.", ["origin"], buckets=LAG_BUCKETS, registry=ours)
+    for value, count in [(0.004, 3), (0.2, 1), (30.0, 2)]:
+        for _ in range(count):
+            reference.labels("us-east").observe(value)
+    batched.labels("us-east").observe_counts([(0.004, 3), (0.2, 1), (30.0, 2)])
+    assert _exposition(ours) == _exposition(theirs)
