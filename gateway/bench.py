@@ -161,6 +161,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
         args.profile.mkdir(parents=True, exist_ok=True)
         args.profile = args.profile.resolve()
     results: dict[str, SystemResult] = {}
+    load_start = _load_average()
     with Rig(keep=args.keep, batch_size=args.batch_size) as rig:
         _say(f"work directory {rig.workdir}")
         rig.start_servers()
@@ -177,7 +178,15 @@ def run(args: argparse.Namespace, command: str) -> Report:
         results=results,
         ratios=compare(gateway, naive, peers),
         targets=check_targets(gateway, naive, peers),
+        load_average=None if load_start is None else (load_start, _load_average() or 0.0),
     )
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:

@@ -109,6 +109,9 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     results: dict[str, SystemResult]
     ratios: Ratios | None
     targets: list[Target]
+    load_average: tuple[float, float] | None = None
+    """The host's 1-minute load average when the run started and when it ended: above the CPU
+    count, other work competed with the run and every figure is worse than the code's best."""
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:
@@ -231,6 +234,12 @@ def render(report: Report) -> str:
         f"redis-server {machine.redis_server}, redis-py {machine.redis_py}"
     )
     lines.append(f"origin {report.origin}, peers {', '.join(report.peers)}")
+    if report.load_average is not None:
+        start, end = report.load_average
+        lines.append(
+            f"load average {start:.1f} at the start, {end:.1f} at the end "
+            f"({machine.nproc} CPUs: above that, other work competed with this run)"
+        )
     systems = list(report.results.items())
     regions = [report.origin, *report.peers]
 
