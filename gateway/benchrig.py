@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -307,8 +308,6 @@ class Rig:
 def _read_ready(child: Child, timeout_s: float = 30.0) -> None:
     line = b""
     deadline = time.monotonic() + timeout_s
-    import selectors
-
     with selectors.DefaultSelector() as selector:
         selector.register(child.stdout, selectors.EVENT_READ)
         while not line.endswith(b"\n"):
