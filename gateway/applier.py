@@ -8,14 +8,14 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
-from gateway.cache import Cache
+from gateway.cache import UNLINK_CHUNK, Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.effects import Plan, plan_batch
 from gateway.epoch import Epoch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, ack_with_status
+from gateway.lag import LagWindow, LinkStatus, ack_with_status, lag_counts
 from gateway.metrics import Metrics
 from gateway.policy import Resolver
 from gateway.scanner import ScanJob, Scanner
@@ -48,6 +48,27 @@ def parse_batch(
         except InvalidEntry as exc:
             dead.append(DeadLetter(entry_id, fields, exc.reason, exc.code))
     return valid, dead, lost
+
+
+async def apply_and_ack(
+    cache: Cache,
+    reader: GroupReader,
+    ids: Sequence[bytes],
+    plan: Plan,
+    status_key: str,
+    status: LinkStatus,
+) -> int:
+    """Carry out ``plan``, then acknowledge ``ids`` with ``status``. Returns how many keys went.
+
+    One transaction when the plan only unlinks, the cache is the stream's Redis and the keys fit
+    one UNLINK; otherwise the effects go first, in commands of :data:`UNLINK_CHUNK` keys that
+    other clients can interleave with (a transaction would hold the Redis for the whole batch).
+    """
+    if cache.in_stream_redis and plan.only_unlink and len(plan.unlink) <= UNLINK_CHUNK:
+        return await ack_with_status(reader, ids, status_key, status, unlink=plan.unlink)
+    removed = await cache.apply(plan)
+    await ack_with_status(reader, ids, status_key, status)
+    return removed
 
 
 class LocalApplier:
@@ -102,7 +123,6 @@ class LocalApplier:
             )
         plan = plan_batch(valid, self.region, self.resolver)
         started_ns = time.time_ns()
-        removed = await self.cache.apply(plan)
         scanning = {event.id.encode() for event in plan.scans}
         for event in plan.scans:  # acknowledged when the walk of the cache is done
             ack = partial(self.reader.ack, [event.id.encode()])
@@ -111,10 +131,12 @@ class LocalApplier:
             self.status.last_id = valid[-1].id
         self.status.epoch = self.epoch.value
         acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]
-        await ack_with_status(self.reader, acked, self.status_key, self.status)
-        self._record(valid, plan, removed, started_ns)
+        removed = await apply_and_ack(
+            self.cache, self.reader, acked, plan, self.status_key, self.status
+        )
+        self._record(valid, removed, started_ns)
 
-    def _record(self, valid: list[Invalidation], plan: Plan, removed: int, started_ns: int) -> None:
+    def _record(self, valid: list[Invalidation], removed: int, started_ns: int) -> None:
         self._batch.observe(len(valid))
         if not valid:
             return
@@ -122,9 +144,8 @@ class LocalApplier:
             self._applied.labels(self.region, self.region, op).inc(count)
         self._removed.inc(removed)
         now = self.clock.now_ms()
-        lags = [max(0.0, now - id_ms(invalidation.id)) for invalidation in valid]
-        for lag in lags:
-            self._lag.observe(lag / 1000)
-            self.window.add(lag)
+        lags = lag_counts([invalidation.id for invalidation in valid], now)
+        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
+        self.window.add_counts(lags)
         self.status.applied += len(valid)
-        self.tracer.applied(self.region, self.reader.stream, valid, started_ns, lags)
+        self.tracer.applied(self.region, self.reader.stream, valid, started_ns, now)

@@ -50,12 +50,19 @@ CacheClient = redis.asyncio.Redis | RedisCluster
 
 
 class Cache:
-    """Applies effects to one region's cache (a standalone Redis or a Redis Cluster)."""
+    """Applies effects to one region's cache (a standalone Redis or a Redis Cluster).
 
-    def __init__(self, client: CacheClient, *, fence_ttl_ms: int = 60_000) -> None:
+    ``in_stream_redis``: the cache is the Redis that holds the gateway's streams (the default
+    set-up), so an applier can unlink and acknowledge in one transaction (:func:`queue_unlink`).
+    """
+
+    def __init__(
+        self, client: CacheClient, *, fence_ttl_ms: int = 60_000, in_stream_redis: bool = False
+    ) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self.fence_ttl_ms = fence_ttl_ms
+        self.in_stream_redis = in_stream_redis
         self._refused = False
         """The cache refused the one-script apply for a reason other than a moved slot."""
 
@@ -67,6 +74,10 @@ class Cache:
         """Carry out ``plan``; returns how many keys were removed."""
         if not plan:
             return 0
+        if not self.cluster and not plan.expire and not plan.fenced:
+            async with self.client.pipeline(transaction=False) as pipe:
+                queue_unlink(pipe, plan.unlink)
+                return sum(await pipe.execute())
         removed = 0
         if plan.unlink or plan.expire:
             for node, part in (await self._by_node(plan)).items():
@@ -184,3 +195,10 @@ async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[li
             yield [key.decode() if isinstance(key, bytes) else key for key in keys]
         if int(cursor) == 0:
             return
+
+
+def queue_unlink(pipe: Any, keys: Sequence[str]) -> int:
+    """Queue UNLINKs of ``keys`` on a pipeline; returns how many commands (replies) that is."""
+    for start in range(0, len(keys), UNLINK_CHUNK):
+        pipe.unlink(*keys[start : start + UNLINK_CHUNK])
+    return (len(keys) + UNLINK_CHUNK - 1) // UNLINK_CHUNK

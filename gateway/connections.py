@@ -6,8 +6,9 @@ gateway makes goes through here, so none of them runs with defaults.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+import hiredis
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
@@ -27,6 +28,47 @@ REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSErro
 when the cluster does not cover every slot: a primary died and no replica took over.)"""
 
 
+class _HiredisPacking:
+    """Encodes commands with hiredis (C) instead of redis-py's asyncio encoder (Python).
+
+    redis-py's blocking client already does this; its asyncio client encodes every argument in
+    Python, which was a fifth of the gateway's CPU: an XACK of a batch has 500 IDs, an UNLINK
+    1000 keys. The bytes sent are the same. Arguments hiredis does not take (bool, None,
+    bytearray) go to redis-py's encoder, which raises its usual errors.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str | bytes) and (
+            " " in name if isinstance(name, str) else b" " in name
+        ):
+            args = (*name.split(), *args[1:])  # "CONFIG GET" is two arguments
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+            return packed
+
+
+class _Connection(_HiredisPacking, redis.asyncio.Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacking, redis.asyncio.SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+_HIREDIS_PACKING: dict[type[Any], type[Any]] = {
+    redis.asyncio.Connection: _Connection,
+    redis.asyncio.SSLConnection: _SSLConnection,
+    redis.asyncio.UnixDomainSocketConnection: _UnixConnection,
+}
+
+
 def _backoff(endpoint: RedisEndpoint) -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(
         cap=endpoint.backoff_cap_ms / 1000, base=endpoint.backoff_base_ms / 1000
@@ -39,17 +81,28 @@ class Connector(Protocol):
     def __call__(self, endpoint: RedisEndpoint, *, name: str) -> AsyncRedis: ...
 
 
+def _options(endpoint: RedisEndpoint, name: str) -> dict[str, Any]:
+    """What every client sets explicitly; ``name`` shows in CLIENT LIST."""
+    options: dict[str, Any] = {
+        "socket_timeout": endpoint.socket_timeout_ms / 1000,
+        "socket_connect_timeout": endpoint.connect_timeout_ms / 1000,
+        "client_name": name,
+        "decode_responses": False,
+    }
+    if not endpoint.url.startswith("unix:"):  # a unix:// connection refuses TCP options
+        options["socket_keepalive"] = True
+    return options
+
+
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
-    """An asyncio client for ``endpoint``; ``name`` shows in CLIENT LIST (``invalgw:us-east``)."""
+    """An asyncio client for ``endpoint`` (``name``: ``invalgw:us-east:local``)."""
     client: AsyncRedis = redis.asyncio.Redis.from_url(
         endpoint.url,
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
-        socket_timeout=endpoint.socket_timeout_ms / 1000,
-        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
-        socket_keepalive=True,
-        client_name=name,
-        decode_responses=False,
+        **_options(endpoint, name),
     )
+    pool = client.connection_pool  # no connection is made before the first command
+    pool.connection_class = _HIREDIS_PACKING.get(pool.connection_class, pool.connection_class)
     return client
 
 
@@ -60,11 +113,7 @@ def connect_cache(endpoint: CacheEndpoint, *, name: str) -> AsyncRedis | RedisCl
     cluster: RedisCluster = RedisCluster.from_url(
         endpoint.url,
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
-        socket_timeout=endpoint.socket_timeout_ms / 1000,
-        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
-        socket_keepalive=True,
-        client_name=name,
-        decode_responses=False,
+        **_options(endpoint, name),
     )
     return cluster
 
@@ -72,13 +121,7 @@ def connect_cache(endpoint: CacheEndpoint, *, name: str) -> AsyncRedis | RedisCl
 def connect_sync(endpoint: RedisEndpoint, *, name: str) -> redis.Redis:
     """A blocking client for ``endpoint``, for the CLI and the synchronous producer helper."""
     client: redis.Redis = redis.Redis.from_url(
-        endpoint.url,
-        retry=Retry(_backoff(endpoint), endpoint.retries),
-        socket_timeout=endpoint.socket_timeout_ms / 1000,
-        socket_connect_timeout=endpoint.connect_timeout_ms / 1000,
-        socket_keepalive=True,
-        client_name=name,
-        decode_responses=False,
+        endpoint.url, retry=Retry(_backoff(endpoint), endpoint.retries), **_options(endpoint, name)
     )
     return client
 

@@ -27,6 +27,10 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.unlink or self.expire or self.fenced)
 
+    @property
+    def only_unlink(self) -> bool:
+        return not self.expire and not self.fenced
+
 
 def plan_keys(
     plan: Plan, keys: Iterable[str], op: str, version: str | None, origin: str, resolver: Resolver

@@ -8,10 +8,12 @@ running and ``redis-cli HGETALL`` shows it to a person.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
+from gateway.cache import queue_unlink
 from gateway.groups import GroupReader
 
 
@@ -41,6 +43,14 @@ class LinkStatus(msgspec.Struct, kw_only=True):
     A reader adds it to this region's clock to tell how old ``heartbeat_ms`` is now."""
 
 
+def lag_counts(origin_ids: Iterable[str], now_ms: float) -> list[tuple[float, int]]:
+    """Lags of invalidations with these origin IDs, seen at ``now_ms`` on the origin's clock,
+    as (lag in ms, how many): one pair per distinct millisecond, and a busy batch holds dozens
+    of invalidations per millisecond."""
+    stamps = Counter([origin_id.partition("-")[0] for origin_id in origin_ids])
+    return [(max(0.0, now_ms - int(ms)), count) for ms, count in stamps.items()]
+
+
 class LagWindow:
     """Lag samples of the current interval; :meth:`take` summarises and starts a new one."""
 
@@ -49,25 +59,40 @@ class LagWindow:
     def __init__(self) -> None:
         self._samples: list[float] = []
         self._seen = 0
+        self._max: float | None = None
 
     def add(self, lag_ms: float) -> None:
-        self._seen += 1
-        if len(self._samples) < self.MAX_SAMPLES:
-            self._samples.append(lag_ms)
-        else:  # keep a uniform sample of a busy interval
-            slot = random.randrange(self._seen)
-            if slot < self.MAX_SAMPLES:
-                self._samples[slot] = lag_ms
+        self.add_counts([(lag_ms, 1)])
+
+    def add_counts(self, counts: Iterable[tuple[float, int]]) -> None:
+        """Add ``count`` samples of each ``lag_ms``; past MAX_SAMPLES, keep a uniform sample."""
+        samples, limit = self._samples, self.MAX_SAMPLES
+        for lag_ms, count in counts:
+            self._seen += count
+            if self._max is None or lag_ms > self._max:
+                self._max = lag_ms
+            room = limit - len(samples)
+            if room >= count:
+                samples.extend([lag_ms] * count)
+                continue
+            samples.extend([lag_ms] * room)
+            # Reservoir sampling, a batch at a time: each further sample is kept with
+            # probability limit / seen, in a random slot.
+            expected = (count - room) * limit / self._seen
+            kept = int(expected) + (random.random() < expected % 1)
+            for _ in range(kept):
+                samples[random.randrange(limit)] = lag_ms
 
     def take(self) -> tuple[float | None, float | None, float | None]:
         """(p50, p99, max) of the interval, then reset."""
         samples, self._samples, self._seen = sorted(self._samples), [], 0
+        largest, self._max = self._max, None
         if not samples:
             return None, None, None
         return (
             samples[len(samples) // 2],
             samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
-            samples[-1],
+            largest,
         )
 
 
@@ -76,15 +101,26 @@ status_decoder = msgspec.json.Decoder(LinkStatus)
 
 
 async def ack_with_status(
-    reader: GroupReader, ids: Sequence[bytes], status_key: str, status: LinkStatus
-) -> None:
-    """Acknowledge ``ids`` and save ``status`` in one round trip, so both survive a crash.
+    reader: GroupReader,
+    ids: Sequence[bytes],
+    status_key: str,
+    status: LinkStatus,
+    *,
+    unlink: Sequence[str] = (),
+) -> int:
+    """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
+
+    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
+    and its acknowledgement take one round trip and land together or not at all. Returns how
+    many of them existed. Keep them few: the transaction holds the Redis while it runs.
 
     ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
     of the cache end, and its status is saved now.
     """
     async with reader.client.pipeline(transaction=True) as pipe:
+        unlinks = queue_unlink(pipe, unlink)
         if ids:
             pipe.xack(reader.stream, reader.group, *ids)
         pipe.hset(status_key, status.origin, status_encoder.encode(status))
-        await pipe.execute()
+        results = await pipe.execute()
+    return sum(results[:unlinks])

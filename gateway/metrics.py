@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LAG_BUCKETS = (
     0.001,
@@ -25,6 +32,82 @@ LAG_BUCKETS = (
     3600.0,
 )
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class BatchHistogram(Collector):
+    """A labelled Prometheus histogram that takes a whole batch of observations in one call.
+
+    ``prometheus_client.Histogram.observe`` costs about a microsecond (a lock, a bucket search,
+    two counters) and the gateway observes the lag of every invalidation it applies, tens of
+    thousands a second. :meth:`HistogramSeries.observe_counts` takes the lock once per batch.
+    Exported exactly like a ``Histogram`` of the same name (``_bucket``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.upper_bounds = [*buckets, float("inf")]
+        self._le = [floatToGoString(bound) for bound in self.upper_bounds]  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        with self._lock:
+            series = self._series.get(values)
+            if series is None:
+                series = self._series[values] = HistogramSeries(self.upper_bounds, self._lock)
+        return series
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            snapshot = [(labels, list(s.counts), s.sum) for labels, s in self._series.items()]
+        for labels, counts, total in snapshot:
+            cumulative, buckets = 0, []
+            for le, count in zip(self._le, counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+
+class HistogramSeries:
+    """One label combination of a :class:`BatchHistogram`."""
+
+    def __init__(self, upper_bounds: list[float], lock: threading.Lock) -> None:
+        self._upper_bounds = upper_bounds
+        self._lock = lock
+        self.counts = [0] * len(upper_bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.observe_counts([(value, 1)])
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        self.observe_counts([(value, 1) for value in values])
+
+    def observe_counts(self, counts: Iterable[tuple[float, int]]) -> None:
+        """Observe each ``value`` ``count`` times."""
+        upper_bounds, buckets = self._upper_bounds, self.counts
+        with self._lock:
+            for value, count in counts:
+                buckets[bisect_left(upper_bounds, value)] += count
+                self.sum += value * count
 
 
 class Metrics:
@@ -108,7 +191,7 @@ class Metrics:
             ["region"],
             registry=r,
         )
-        self.lag = Histogram(
+        self.lag = BatchHistogram(
             "invalgw_replication_lag_seconds",
             "From the origin's XADD to the apply in this region, on the Redis server clocks.",
             ["origin", "region"],

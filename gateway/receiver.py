@@ -14,14 +14,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from gateway.applier import id_ms
+from gateway.applier import apply_and_ack
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
-from gateway.effects import Plan, plan_batch
+from gateway.effects import plan_batch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, ack_with_status
+from gateway.lag import LagWindow, LinkStatus, lag_counts
 from gateway.metrics import Metrics
 from gateway.policy import Resolver
 from gateway.scanner import ScanJob, Scanner
@@ -117,7 +117,6 @@ class MirrorApplier:
         events = [event for batch in batches for event in batch.events]
         plan = plan_batch(events, self.origin, self.resolver)
         started_ns = time.time_ns()
-        removed = await self.cache.apply(plan)
         for reason, after, upto in gaps:
             status.gaps += 1
             await self.gaps.record(self.origin, reason, after=after, upto=upto)
@@ -126,10 +125,10 @@ class MirrorApplier:
             for event in patterns:
                 self.scanner.submit(ScanJob(event, self.origin, done))
         acked = [entry_id for entry_id, _ in entries if entry_id not in scans]
-        await ack_with_status(self.reader, acked, self.status_key, status)
+        removed = await apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
             setattr(self.status, name, getattr(status, name))
-        self._record(events, plan, removed, started_ns)
+        self._record(events, removed, started_ns)
 
     def _ack_after(self, entry_id: bytes, walks: int) -> Callable[[], Awaitable[None]]:
         """A callback that acknowledges ``entry_id`` when called for the ``walks``-th time."""
@@ -143,9 +142,7 @@ class MirrorApplier:
 
         return done
 
-    def _record(
-        self, events: list[Invalidation], plan: Plan, removed: int, started_ns: int
-    ) -> None:
+    def _record(self, events: list[Invalidation], removed: int, started_ns: int) -> None:
         self._batch.observe(len(events))
         if not events:
             return
@@ -154,11 +151,10 @@ class MirrorApplier:
         self._removed.inc(removed)
         self.status.applied += len(events)
         now = self.origin_now_ms()
-        lags = [max(0.0, now - id_ms(event.id)) for event in events]
-        for lag in lags:
-            self._lag.observe(lag / 1000)
-            self.window.add(lag)
-        self.tracer.applied(self.origin, self.reader.stream, events, started_ns, lags)
+        lags = lag_counts([event.id for event in events], now)
+        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
+        self.window.add_counts(lags)
+        self.tracer.applied(self.origin, self.reader.stream, events, started_ns, now)
 
 
 Gap = tuple[str, str, str]

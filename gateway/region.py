@@ -109,7 +109,11 @@ def open_region(
         stack.push_async_callback(_close, each)
 
     names = Names(config.streams.namespace, config.streams.local)
-    cache = Cache(cache_client, fence_ttl_ms=config.policy.fence_ttl_ms)
+    cache = Cache(
+        cache_client,
+        fence_ttl_ms=config.policy.fence_ttl_ms,
+        in_stream_redis=config.cache is None,
+    )
     resolver = Resolver(config.policy, config.region, config.regions)
     scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
     stack.callback(scanner.close)

@@ -7,6 +7,7 @@ signals, a bounded drain, an exit status, and flushing traces on the way out.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -30,6 +31,9 @@ from gateway.stages import build_pipeline
 from gateway.worker import Drain, until_ok
 
 log = logging.getLogger(__name__)
+
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between young-generation collections (CPython's default is 700)."""
 
 
 class Gateway:
@@ -127,12 +131,27 @@ class Gateway:
         log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
 
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process that handles batches.
+
+    A batch of 500 entries allocates thousands of short-lived containers (reply lists, field
+    dicts, invalidations), so with the default threshold every batch triggered several young
+    collections, each traversing the batch still in use. Collecting every 50,000 allocations
+    finds the batches already freed by reference counting; objects from start-up (imports,
+    config) are frozen out of every collection. Cost: up to some megabytes of extra garbage.
+    """
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT; the exit status a supervisor understands.
 
     First signal: drain (finish and acknowledge the batches in hand, close, exit 0), or give up
     after ``gateway.drain_timeout_ms``. Second signal: stop at once, exit 128 + signal number.
     """
+    tune_gc()
     provider = tracing.configure(f"invalgw-{config.region}")
     gateway = Gateway(config, metrics=metrics, tracer_provider=provider)
     exit_code = 0

@@ -134,13 +134,14 @@ class InvalidationTracer:
         stream: str,
         events: Sequence[Invalidation],
         started_ns: int,
-        lag_ms: Sequence[float],
+        origin_now_ms: float,
     ) -> None:
-        """Record ``process`` spans for applied events (``lag_ms`` parallel to ``events``)."""
+        """Record ``process`` spans for the sampled applied events, with their lag."""
         ended_ns = time.time_ns()
-        for event, lag in zip(events, lag_ms, strict=True):
+        for event in events:
             if not sampled(event.traceparent):
                 continue
+            lag_ms = max(0.0, origin_now_ms - int(event.id.partition("-")[0]))
             parent = _propagator.extract({"traceparent": event.traceparent or ""})
             span = self.tracer.start_span(
                 f"process {stream}",
@@ -156,7 +157,7 @@ class InvalidationTracer:
                     "messaging.message.id": event.id,
                     "invalgw.origin": origin,
                     "invalgw.region": self.region,
-                    "invalgw.lag_ms": round(lag, 3),
+                    "invalgw.lag_ms": round(lag_ms, 3),
                     "invalgw.keys": len(event.keys),
                 },
             )

@@ -167,8 +167,17 @@ def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
     return out
 
 
+_USUAL_FIELDS = ({b"v", b"op", b"keys"}, {b"op", b"keys"})
+_VERSION = str(CONTRACT_VERSION)
+
+
 def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     """Validate one stream entry; raise :class:`InvalidEntry` with the reason if it is not valid."""
+    usual = _parse_usual(entry_id, fields, limits)
+    return usual if usual is not None else _parse_any(entry_id, fields, limits)
+
+
+def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     if not fields:
         raise InvalidEntry("entry has no fields (it was deleted or trimmed)", "deleted")
     for name, value in fields.items():
@@ -183,7 +192,7 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
         entry = msgspec.convert(text, ProducerEntry)
     except msgspec.ValidationError as exc:
         raise InvalidEntry(*_field_error(exc)) from None
-    if entry.v != str(CONTRACT_VERSION):
+    if entry.v != _VERSION:
         raise InvalidEntry(
             f"unsupported contract version v={entry.v!r}; this gateway reads v={CONTRACT_VERSION}",
             "bad_version",
@@ -215,7 +224,7 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> In
             raise InvalidEntry(
                 "empty key: 'keys' has two separators in a row or at an end", "empty_key"
             )
-        if len(key) > limits.max_key_bytes or len(key.encode()) > limits.max_key_bytes:
+        if len(key.encode()) > limits.max_key_bytes:
             raise InvalidEntry(
                 f"key {key[:40]!r}... is {len(key.encode())} bytes, "
                 f"over the limit of {limits.max_key_bytes}",
@@ -253,6 +262,26 @@ def _fence_version(text: str) -> str:
             "bad_fence_version",
         )
     return text
+
+
+def _parse_usual(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation | None:
+    """The entry most producers write (``v 1``, ``op unlink``, keys split on whitespace, nothing
+    else), validated with a fraction of the general path's work; None for any other entry, and
+    for any problem, which the general path then describes."""
+    if fields.keys() not in _USUAL_FIELDS or fields[b"op"] != b"unlink":
+        return None
+    if fields.get(b"v", b"1") != b"1":
+        return None
+    raw = fields[b"keys"]
+    if len(raw) > limits.max_field_bytes:
+        return None
+    try:  # bytes split on ASCII whitespace only, as the contract says (str.split does more)
+        keys = [key.decode() for key in raw.split()]
+    except UnicodeDecodeError:
+        return None
+    if not keys or len(keys) > limits.max_keys or len(raw) > limits.max_key_bytes:
+        return None
+    return Invalidation(entry_id, "unlink", keys)
 
 
 def _split_keys(keys: str, sep: str | None) -> list[str]:

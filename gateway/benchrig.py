@@ -1,0 +1,347 @@
+"""The local three-region set-up ``invalgw bench`` runs on, and its clean-up.
+
+Three ``redis-server`` processes on free ports, one region config file each, and the system under
+test as separate OS processes: three gateways (``python -m gateway run``) or three naive
+forwarders (:mod:`gateway.naive`). Every child runs in its own session, so a Ctrl-C reaches only
+the bench, which then stops each child it started (SIGTERM, then SIGKILL) and each server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+import redis
+
+from gateway.localredis import RedisProcess, find_redis_server
+from gateway.names import APPLY_GROUP, Names, forward_group
+
+log = logging.getLogger(__name__)
+
+REGIONS = ("us-east", "eu-west", "ap-south")
+NAMESPACE = "bench"
+STREAM = "bench:invalidations"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_server_version() -> tuple[int, ...]:
+    out = subprocess.run(
+        [find_redis_server(), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
+
+
+def region_toml(region: str, ports: dict[str, int], *, batch_size: int | None = None) -> str:
+    """A region file for the bench: defaults everywhere but names, addresses and consumer."""
+    lines = [
+        f'region = "{region}"',
+        "",
+        "[redis]",
+        f'url = "redis://127.0.0.1:{ports[region]}/0"',
+        "",
+        "[streams]",
+        f'namespace = "{NAMESPACE}"',
+        f'local = "{STREAM}"',
+        "",
+        "[gateway]",
+        'consumer = "bench"',
+    ]
+    if batch_size is not None:
+        lines.append(f"batch_size = {batch_size}")
+    for peer in ports:
+        if peer != region:
+            lines += [
+                "",
+                "[[peers]]",
+                f'name = "{peer}"',
+                f'url = "redis://127.0.0.1:{ports[peer]}/0"',
+            ]
+    return "\n".join(lines) + "\n"
+
+
+class Child:
+    """One child process of the bench, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], logfile: Path, *, stdout_pipe: bool = False):
+        self.name = name
+        self.logfile = logfile
+        self._log = logfile.open("wb")
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.process.stdout is not None
+        return self.process.stdout
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.process.pid)
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with status {code}:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        text = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %g s; killing it", self.name, timeout_s)
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+        return self.process.returncode
+
+    def wait(self, timeout_s: float) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+
+class Rig:
+    """Servers, configs and children of one bench run; a context manager that cleans up."""
+
+    def __init__(self, *, keep: bool = False, batch_size: int | None = None) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="invalgw-bench-"))
+        self.keep = keep
+        self.batch_size = batch_size
+        self.servers: dict[str, RedisProcess] = {}
+        self.clients: dict[str, redis.Redis] = {}
+        self.children: list[Child] = []
+        self.debug_populate = False
+        self.names = Names(NAMESPACE, STREAM)
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with _ignoring_interrupts():
+            self.close()
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+        for client in self.clients.values():
+            client.close()
+        for server in self.servers.values():
+            server.cleanup()
+        self.servers.clear()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def origin(self) -> str:
+        return REGIONS[0]
+
+    def port(self, region: str) -> int:
+        return self.servers[region].port
+
+    def config_path(self, region: str) -> Path:
+        return self.workdir / f"{region}.toml"
+
+    def start_servers(self) -> None:
+        self.debug_populate = redis_server_version() >= (7,)
+        args = ("--enable-debug-command", "local") if self.debug_populate else ()
+        for region in REGIONS:
+            server = RedisProcess(workdir=str(self.workdir / f"redis-{region}"), args=args)
+            self.servers[region] = server
+            server.start()
+            self.clients[region] = redis.Redis(
+                port=server.port,
+                socket_timeout=30,
+                socket_connect_timeout=5,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            )
+        if not self.debug_populate:
+            self.debug_populate = self._debug_works()
+        ports = {region: server.port for region, server in self.servers.items()}
+        for region in REGIONS:
+            self.config_path(region).write_text(
+                region_toml(region, ports, batch_size=self.batch_size)
+            )
+
+    def _debug_works(self) -> bool:
+        try:
+            self.clients[self.origin].execute_command("DEBUG", "POPULATE", 0)  # type: ignore[no-untyped-call]
+        except redis.ResponseError:
+            return False
+        return True
+
+    def cpu_times(self, children: list[Child]) -> dict[str, float]:
+        """CPU seconds used so far by ``children`` and by each region's redis-server."""
+        times = {}
+        for region, server in self.servers.items():
+            used = cpu_seconds(server.process.pid) if server.process else None
+            if used is not None:
+                times[f"redis-{region}"] = used
+        for child in children:
+            used = child.cpu_seconds()
+            if used is not None:
+                times[child.name] = used
+        return times
+
+    def flush(self) -> None:
+        for client in self.clients.values():
+            client.flushall()
+
+    def keyspace_events(self, flags: str) -> None:
+        for client in self.clients.values():
+            client.config_set("notify-keyspace-events", flags)
+
+    def spawn(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> Child:
+        child = Child(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
+        self.children.append(child)
+        return child
+
+    def stop(self, children: list[Child]) -> None:
+        for child in children:
+            child.stop()
+            self.children.remove(child)
+
+    def start_gateways(self, *, profile_dir: Path | None = None) -> list[Child]:
+        """One gateway process per region; returns once every consumer group exists."""
+        children = []
+        for region in REGIONS:
+            argv = [sys.executable]
+            if profile_dir is not None:
+                argv += ["-m", "cProfile", "-o", str(profile_dir / f"gateway-{region}.pstats")]
+            argv += ["-m", "gateway", "--log-level", "warning", "run"]
+            argv += ["--config", str(self.config_path(region))]
+            children.append(self.spawn(f"gateway-{region}", argv))
+        self._wait_ready(children, self._gateway_ready)
+        return children
+
+    def start_naive(self) -> list[Child]:
+        """One naive forwarder process per region (the baseline); returns once they read."""
+        children = [
+            self.spawn(
+                f"naive-{region}",
+                [sys.executable, "-m", "gateway.naive", "--config", str(self.config_path(region))],
+                stdout_pipe=True,
+            )
+            for region in REGIONS
+        ]
+        for child in children:
+            _read_ready(child)
+        return children
+
+    def start_subscribers(self, prefix: str) -> dict[str, tuple[Child, Path]]:
+        """One ``del``-event recorder per region; returns once each has subscribed."""
+        started = {}
+        for region in REGIONS:
+            out = self.workdir / f"gone-{prefix}-{region}.msgpack"
+            argv = [sys.executable, "-m", "gateway.benchload", "subscribe"]
+            argv += ["--port", str(self.port(region)), "--prefix", prefix, "--out", str(out)]
+            child = self.spawn(f"subscriber-{region}", argv, stdout_pipe=True)
+            started[region] = (child, out)
+        for child, _ in started.values():
+            _read_ready(child)
+        return started
+
+    def _gateway_ready(self, region: str) -> bool:
+        client = self.clients[region]
+        peers = [peer for peer in REGIONS if peer != region]
+        try:
+            local = {g["name"].decode() for g in client.xinfo_groups(STREAM)}
+            mirrors = [
+                {g["name"].decode() for g in client.xinfo_groups(self.names.mirror(peer))}
+                for peer in peers
+            ]
+        except redis.ResponseError:
+            return False
+        wanted = {APPLY_GROUP, *(forward_group(peer) for peer in peers)}
+        return wanted <= local and all(APPLY_GROUP in groups for groups in mirrors)
+
+    def _wait_ready(
+        self, children: list[Child], ready: Callable[[str], bool], timeout_s: float = 30.0
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        for region, child in zip(REGIONS, children, strict=True):
+            while not ready(region):
+                child.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} not ready after {timeout_s:g} s")
+                time.sleep(0.05)
+
+
+def _read_ready(child: Child, timeout_s: float = 30.0) -> None:
+    line = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise RuntimeError(f"{child.name} not ready after {timeout_s:g} s")
+            data = child.stdout.read1(1)  # type: ignore[attr-defined]
+            if not data:
+                child.check_alive()
+                raise RuntimeError(f"{child.name} closed its output before it was ready")
+            line += data
+    if line.strip() != b"ready":
+        raise RuntimeError(f"{child.name} said {line!r} instead of ready")
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """Let clean-up finish even if Ctrl-C is pressed again."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt (so the rig cleans up); returns the undo."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def undo() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return undo

@@ -1,0 +1,61 @@
+"""Clients from gateway.connections reach Redis over every URL scheme the config accepts, and
+send exactly the bytes redis-py would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from gateway.config import RedisEndpoint
+from gateway.connections import connect, connect_sync
+from tests.servers import docker_available, redis_servers
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.skipif(docker_available(), reason="needs a local redis-server's unix socket")
+async def test_unix_socket_urls_connect(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    with redis_servers(1, "--unixsocket", str(socket_path)):
+        endpoint = RedisEndpoint(url=f"unix://{socket_path}")
+        client = connect(endpoint, name="invalgw:test")
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+        sync_client = connect_sync(endpoint, name="invalgw:test")
+        try:
+            assert sync_client.ping()
+        finally:
+            sync_client.close()
+
+
+COMMANDS: list[tuple[Any, ...]] = [
+    ("PING",),
+    ("CONFIG GET", "maxmemory"),
+    (b"CLIENT SETNAME", b"invalgw:us-east"),
+    ("XACK", "s", "to:eu-west", *(f"1700000000000-{n}".encode() for n in range(600))),
+    ("UNLINK", "caf\u00e9:1", "\u2603", b"\xff\x00"),
+    ("SET", "k", 12, "PX", 2**70, "X", 1.5, 1e20, memoryview(b"mv")),
+    ("EVALSHA", "ab" * 20, 2, "k1", "k2", b"x" * 100_000),
+]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///s"])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: str(c[0]))
+def test_commands_are_encoded_as_redis_py_encodes_them(url: str, command: tuple[Any, ...]) -> None:
+    pool = connect(RedisEndpoint(url=url), name="test").connection_pool
+    ours = pool.connection_class(**pool.connection_kwargs)
+    theirs = redis.asyncio.Connection()
+    assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+
+
+def test_arguments_redis_py_refuses_are_still_refused() -> None:
+    pool = connect(RedisEndpoint(url="redis://127.0.0.1:1/0"), name="test").connection_pool
+    connection = pool.connection_class(**pool.connection_kwargs)
+    with pytest.raises(redis.DataError):
+        connection.pack_command("SET", "k", True)
