@@ -92,7 +92,7 @@ class InvalidationTracer:
     ) -> tuple[list[Invalidation], list[Span]]:
         """Open ``send`` spans for the sampled events; returns the events re-parented to them
         (to be put in the envelope) and the spans, for :meth:`end_forward`."""
-        if not any(sampled(event.traceparent) for event in events):
+        if not any(event.traceparent and sampled(event.traceparent) for event in events):
             return list(events), []
         out: list[Invalidation] = []
         spans: list[Span] = []
@@ -137,6 +137,8 @@ class InvalidationTracer:
         origin_now_ms: float,
     ) -> None:
         """Record ``process`` spans for the sampled applied events, with their lag."""
+        if not any(event.traceparent for event in events):
+            return
         ended_ns = time.time_ns()
         for event in events:
             if not sampled(event.traceparent):

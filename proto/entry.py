@@ -275,10 +275,13 @@ def _parse_usual(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> I
     raw = fields[b"keys"]
     if len(raw) > limits.max_field_bytes:
         return None
-    try:  # bytes split on ASCII whitespace only, as the contract says (str.split does more)
-        keys = [key.decode() for key in raw.split()]
+    try:
+        text = raw.decode()
     except UnicodeDecodeError:
         return None
+    if not text.isascii() or "\x1c" in text or "\x1d" in text or "\x1e" in text or "\x1f" in text:
+        return None  # str.split would also split on \x1c-\x1f: the general path splits exactly
+    keys = text.split()
     if not keys or len(keys) > limits.max_keys or len(raw) > limits.max_key_bytes:
         return None
     return Invalidation(entry_id, "unlink", keys)
