@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.service import Gateway
 from gateway.wanproxy import WanProxy
 from tests.processes import Processes
-from tests.servers import RedisServer, redis_servers
+from tests.servers import RedisServer, no_retry, redis_servers
 
 REGIONS = ("us-east", "eu-west", "ap-south")
 
@@ -168,7 +168,7 @@ async def clients(
     """Plain test clients, one per region's Redis."""
     made = {
         name: redis.asyncio.Redis.from_url(
-            config.redis.url, socket_timeout=5, socket_connect_timeout=2
+            config.redis.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
         )
         for name, config in configs.items()
     }

@@ -10,8 +10,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from gateway.localredis import RedisProcess
 from tests.processes import die_with_parent
+
+
+def no_retry() -> Retry:
+    """Tests' own clients retry nothing: a test that needs a retry says so."""
+    return Retry(NoBackoff(), 0)
 
 
 def docker_available() -> bool:

@@ -11,7 +11,7 @@ from gateway.cache import UNLINK_CHUNK
 from gateway.config import CacheEndpoint, RegionConfig
 from gateway.producer import Invalidator
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
-from tests.servers import RedisServer
+from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ async def test_a_cache_in_another_database_is_invalidated_everywhere(
     keys = [f"{namespace}:user:{n}" for n in range(20)]
     caches = {
         region: redis.asyncio.Redis.from_url(
-            config.cache_endpoint.url, socket_timeout=5, socket_connect_timeout=2
+            config.cache_endpoint.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
         )
         for region, config in configs.items()
     }

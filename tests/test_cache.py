@@ -16,7 +16,7 @@ from gateway.fence import fence_key, fill, is_fence_key
 from gateway.localredis import RedisProcess
 from tests.cluster import cluster_port, redis_cluster
 from tests.processes import die_with_parent
-from tests.servers import RedisServer
+from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +36,7 @@ async def cache(
     client: redis.asyncio.Redis | RedisCluster
     if request.param == "standalone":
         client = redis.asyncio.Redis.from_url(
-            session_servers[0].url, socket_timeout=5, socket_connect_timeout=2
+            session_servers[0].url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
         )
     else:
         client = RedisCluster(
@@ -44,6 +44,7 @@ async def cache(
             port=cluster_nodes[0].port,
             socket_timeout=5,
             socket_connect_timeout=2,
+            retry=no_retry(),
         )
     try:
         yield Cache(client, fence_ttl_ms=30_000)
@@ -140,8 +141,8 @@ async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
     prefix = f"{{{namespace}:user:1}}" if group else f"{namespace}:first"
     keys = {f"{prefix}:{i}" for i in range(300)}
     url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
-    setup = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-    fresh = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    setup = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry())
+    fresh = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry())
     try:
         await populate(Cache(setup), keys)
         found = {key async for batch in Cache(fresh).scan(f"{prefix}:*") for key in batch}
@@ -156,7 +157,9 @@ async def move_slot(nodes: list[RedisProcess], slot: int, *, finish: bool) -> No
     migrating, move its keys (half of them unless ``finish``), and with ``finish`` hand it over.
     A client that cached the slot map before still sends the slot's keys to the old node."""
     clients = {
-        node.port: redis.asyncio.Redis(port=node.port, socket_timeout=5, socket_connect_timeout=2)
+        node.port: redis.asyncio.Redis(
+            port=node.port, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+        )
         for node in nodes
     }
     try:
@@ -191,7 +194,9 @@ async def test_effects_reach_keys_whose_slot_moved_under_the_client(
     """The one-script apply goes to the node the client thinks serves the keys; when a slot has
     moved (or is half way), that node refuses and the effects are redone slot by slot."""
     url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
-    client = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    client = RedisCluster.from_url(
+        url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+    )
     cache = Cache(client)
     moving = [f"{{{namespace}:moving}}:{i}" for i in range(40)]
     staying = [f"{namespace}:staying:{i}" for i in range(200)]
@@ -224,8 +229,16 @@ async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namesp
     )
     node.args += ("--cluster-config-file", f"nodes-{node.port}.conf")
     node.start()
-    admin = redis.asyncio.Redis(port=node.port, socket_timeout=5, socket_connect_timeout=2)
-    client = RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2)
+    admin = redis.asyncio.Redis(
+        port=node.port, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+    )
+    client = RedisCluster(
+        host="127.0.0.1",
+        port=node.port,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        retry=no_retry(),
+    )
     try:
         await admin.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
         key = f"{namespace}:lost"

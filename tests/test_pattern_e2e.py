@@ -28,7 +28,7 @@ from proto import entry_fields
 from tests.cluster import redis_cluster
 from tests.conftest import REGIONS, clients, make_configs, metric, running, wait_until
 from tests.processes import Processes
-from tests.servers import RedisServer
+from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,11 @@ def cluster_nodes() -> Iterator[list[RedisProcess]]:
 @pytest.fixture
 async def cluster_client(cluster_nodes: list[RedisProcess]) -> AsyncIterator[RedisCluster]:
     client = RedisCluster(
-        host="127.0.0.1", port=cluster_nodes[0].port, socket_timeout=5, socket_connect_timeout=2
+        host="127.0.0.1",
+        port=cluster_nodes[0].port,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=no_retry(),
     )
     try:
         yield client
@@ -65,7 +69,9 @@ async def cluster_client(cluster_nodes: list[RedisProcess]) -> AsyncIterator[Red
 
 def node_clients(nodes: list[RedisProcess]) -> list[redis.asyncio.Redis]:
     return [
-        redis.asyncio.Redis(port=node.port, socket_timeout=10, socket_connect_timeout=2)
+        redis.asyncio.Redis(
+            port=node.port, socket_timeout=10, socket_connect_timeout=2, retry=no_retry()
+        )
         for node in nodes
     ]
 
@@ -231,7 +237,7 @@ async def test_a_walk_of_200k_keys_on_a_standalone_cache(
     walked = [f"{namespace}:pat:{i}" for i in range(WALKED_KEYS)]
     kept = [f"{namespace}:keep:{i}" for i in range(KEPT_KEYS)]
     cache = redis.asyncio.Redis.from_url(
-        configs["us-east"].redis.url, socket_timeout=5, socket_connect_timeout=2
+        configs["us-east"].redis.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
     )
     try:
         await populate(cache, walked + kept)
