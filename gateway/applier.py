@@ -71,6 +71,48 @@ async def apply_and_ack(
     return removed
 
 
+class AppliedRecord:
+    """What one stage applied from one origin: metrics, the lag window, status and traces."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        origin: str,
+        stage: str,
+        stream: str,
+        metrics: Metrics,
+        tracer: InvalidationTracer,
+        status: LinkStatus,
+    ) -> None:
+        self.region = region
+        self.origin = origin
+        self.stream = stream
+        self.tracer = tracer
+        self.status = status
+        self.window = LagWindow()
+        self._applied = metrics.applied
+        self._lag = metrics.lag.labels(origin, region)
+        self._removed = metrics.keys_removed.labels(region, origin)
+        self._batch = metrics.batch_size.labels(region, stage)
+
+    def __call__(
+        self, events: list[Invalidation], removed: int, started_ns: int, origin_now_ms: float
+    ) -> None:
+        """Record ``events`` applied (``removed`` keys went), their lag at ``origin_now_ms``."""
+        self._batch.observe(len(events))
+        if not events:
+            return
+        for op, count in Counter(event.op for event in events).items():
+            self._applied.labels(self.region, self.origin, op).inc(count)
+        self._removed.inc(removed)
+        self.status.applied += len(events)
+        lags = lag_counts([event.id for event in events], origin_now_ms)
+        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
+        self.window.add_counts(lags)
+        self.tracer.applied(self.origin, self.stream, events, started_ns, origin_now_ms)
+
+
 class LocalApplier:
     """Handler of the ``apply`` group on the local stream."""
 
@@ -95,7 +137,6 @@ class LocalApplier:
         self.region = region
         self.resolver = resolver
         self.scanner = scanner
-        self.tracer = tracer
         self.epoch = epoch
         self.reader = reader
         self.cache = cache
@@ -105,11 +146,15 @@ class LocalApplier:
         self.clock = clock
         self.status = status
         self.status_key = status_key
-        self.window = LagWindow()
-        self._lag = metrics.lag.labels(region, region)
-        self._applied = metrics.applied
-        self._removed = metrics.keys_removed.labels(region, region)
-        self._batch = metrics.batch_size.labels(region, "apply")
+        self.record = AppliedRecord(
+            region=region,
+            origin=region,
+            stage="apply",
+            stream=reader.stream,
+            metrics=metrics,
+            tracer=tracer,
+            status=status,
+        )
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
         valid, dead, lost = parse_batch(entries, self.limits)
@@ -134,18 +179,4 @@ class LocalApplier:
         removed = await apply_and_ack(
             self.cache, self.reader, acked, plan, self.status_key, self.status
         )
-        self._record(valid, removed, started_ns)
-
-    def _record(self, valid: list[Invalidation], removed: int, started_ns: int) -> None:
-        self._batch.observe(len(valid))
-        if not valid:
-            return
-        for op, count in Counter(event.op for event in valid).items():
-            self._applied.labels(self.region, self.region, op).inc(count)
-        self._removed.inc(removed)
-        now = self.clock.now_ms()
-        lags = lag_counts([invalidation.id for invalidation in valid], now)
-        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
-        self.window.add_counts(lags)
-        self.status.applied += len(valid)
-        self.tracer.applied(self.region, self.reader.stream, valid, started_ns, now)
+        self.record(valid, removed, started_ns, self.clock.now_ms())

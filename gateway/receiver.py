@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from gateway.applier import apply_and_ack
+from gateway.applier import AppliedRecord, apply_and_ack
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.deadletter import DeadLetter, DeadLetters
 from gateway.effects import plan_batch
 from gateway.gaps import Gaps
 from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, lag_counts
+from gateway.lag import LinkStatus
 from gateway.metrics import Metrics
 from gateway.policy import Resolver
 from gateway.scanner import ScanJob, Scanner
@@ -56,7 +55,6 @@ class MirrorApplier:
         self.region = region
         self.resolver = resolver
         self.scanner = scanner
-        self.tracer = tracer
         self.origin = origin
         self.reader = reader
         self.cache = cache
@@ -66,11 +64,15 @@ class MirrorApplier:
         self.local_clock = local_clock
         self.status = status
         self.status_key = status_key
-        self.window = LagWindow()
-        self._lag = metrics.lag.labels(origin, region)
-        self._applied = metrics.applied
-        self._removed = metrics.keys_removed.labels(region, origin)
-        self._batch = metrics.batch_size.labels(region, "mirror")
+        self.record = AppliedRecord(
+            region=region,
+            origin=origin,
+            stage="mirror",
+            stream=reader.stream,
+            metrics=metrics,
+            tracer=tracer,
+            status=status,
+        )
 
     def origin_now_ms(self) -> float:
         """The origin Redis's clock now; this region's clock until a TIME sample of it arrived."""
@@ -128,7 +130,7 @@ class MirrorApplier:
         removed = await apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
             setattr(self.status, name, getattr(status, name))
-        self._record(events, removed, started_ns)
+        self.record(events, removed, started_ns, self.origin_now_ms())
 
     def _ack_after(self, entry_id: bytes, walks: int) -> Callable[[], Awaitable[None]]:
         """A callback that acknowledges ``entry_id`` when called for the ``walks``-th time."""
@@ -141,20 +143,6 @@ class MirrorApplier:
                 await self.reader.ack([entry_id])
 
         return done
-
-    def _record(self, events: list[Invalidation], removed: int, started_ns: int) -> None:
-        self._batch.observe(len(events))
-        if not events:
-            return
-        for op, count in Counter(event.op for event in events).items():
-            self._applied.labels(self.region, self.origin, op).inc(count)
-        self._removed.inc(removed)
-        self.status.applied += len(events)
-        now = self.origin_now_ms()
-        lags = lag_counts([event.id for event in events], now)
-        self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
-        self.window.add_counts(lags)
-        self.tracer.applied(self.origin, self.reader.stream, events, started_ns, now)
 
 
 Gap = tuple[str, str, str]

@@ -60,7 +60,7 @@ def build_pipeline(region: Region) -> Pipeline:
 
     pipeline.stages.append(_stage(region, "apply", local.reader, local, on_lost=local_entries_lost))
     pipeline.status_sources.append(
-        StatusSource(region.statuses[region.name], local.window, region.local_clock.now_ms)
+        StatusSource(region.statuses[region.name], local.record.window, region.local_clock.now_ms)
     )
 
     for peer in config.peers:
@@ -113,7 +113,7 @@ def build_pipeline(region: Region) -> Pipeline:
         )
         pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
         pipeline.status_sources.append(
-            StatusSource(region.statuses[peer.name], mirror.window, mirror.origin_now_ms)
+            StatusSource(region.statuses[peer.name], mirror.record.window, mirror.origin_now_ms)
         )
     return pipeline
 

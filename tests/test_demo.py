@@ -131,7 +131,11 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started(workdir: Path, tmp_path
     with output.open("w") as stdout:
         demo = subprocess.Popen(demo_command(workdir), cwd=REPO, stdout=stdout, stderr=stdout)
     try:
-        wait_for(lambda: len(table_rows(output.read_text())) == 9, 30, "the first table")
+        try:
+            wait_for(lambda: len(table_rows(output.read_text())) == 9, 30, "the first table")
+        except BaseException:
+            print(output.read_text())  # shown by pytest with the failure
+            raise
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=30) == 0, output.read_text()
     finally:
