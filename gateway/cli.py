@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from gateway.config import RedisEndpoint, RegionConfig, load_config, redact
-from gateway.connections import connect, connect_sync, probe
+from gateway.connections import close, connect, connect_sync, probe
 from gateway.errors import ConfigError, GatewayError, RedisUnreachable
 
 EXIT_OK = 0
@@ -121,7 +121,7 @@ async def _reach_all(config: RegionConfig) -> int:
         except RedisUnreachable as exc:
             results[label] = f"FAIL  {exc}"
         finally:
-            await client.aclose()
+            await close(client)
 
     async with anyio.create_task_group() as tg:
         for label, endpoint in targets:

@@ -6,8 +6,10 @@ gateway makes goes through here, so none of them runs with defaults.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
+import anyio
 import hiredis
 import redis
 import redis.asyncio
@@ -18,6 +20,8 @@ from redis.retry import Retry
 
 from gateway.config import CacheEndpoint, RedisEndpoint, redact
 from gateway.errors import RedisUnreachable
+
+log = logging.getLogger(__name__)
 
 AsyncRedis = redis.asyncio.Redis
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -136,3 +140,13 @@ async def probe(client: AsyncRedis, *, label: str, url: str) -> str:
     except REDIS_ERRORS as exc:
         raise RedisUnreachable(f"{label}: {redact(url)}: {exc}") from None
     return str(info.get("redis_version", "?"))
+
+
+async def close(client: AsyncRedis | RedisCluster) -> None:
+    """Close ``client`` within 2 s; a close that times out (a busy or unreachable Redis) is not
+    an error worth failing a shutdown for: the connections go with the process."""
+    with anyio.move_on_after(2, shield=True):
+        try:
+            await client.aclose()
+        except REDIS_ERRORS as exc:
+            log.debug("closing a Redis client: %s", exc)

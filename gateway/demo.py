@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 import redis
 
-from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
 from gateway.errors import ConfigError, DemoFailed, GatewayError
 from gateway.lag import status_decoder
 from gateway.lagtable import STYLES, Column, LagCollector, Snapshot, render_json, render_text
@@ -530,7 +530,7 @@ class Demo:
                 tg.start_soon(self._stop_gateway, member)
         crashed += [member for member in running if member.gateway_crashed()]
         for client in self.clients.values():
-            await client.aclose()
+            await close(client)
         servers = [
             member.redis
             for member in self.members

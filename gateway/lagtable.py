@@ -21,7 +21,7 @@ import msgspec
 import redis
 
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
 from gateway.lag import LinkStatus, status_decoder
 from gateway.names import APPLY_GROUP, Names, forward_group
 
@@ -158,7 +158,7 @@ class LagCollector:
 
     async def aclose(self) -> None:
         for client in self._clients.values():
-            await client.aclose()
+            await close(client)
         self._clients.clear()
 
     def _client(self, target: RegionTarget) -> AsyncRedis:

@@ -24,7 +24,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from gateway.config import RegionConfig, load_config
-from gateway.connections import REDIS_ERRORS, AsyncRedis, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
 from gateway.metrics import LAG_BUCKETS
 from gateway.producer import Invalidator
 
@@ -154,7 +154,7 @@ class Prober:
 
     async def aclose(self) -> None:
         for client in self.clients.values():
-            await client.aclose()
+            await close(client)
 
     async def probe_once(self, origin: RegionConfig) -> ProbeResult | None:
         """One canary round from ``origin``; None if a region's Redis could not be reached."""

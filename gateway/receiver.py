@@ -8,6 +8,7 @@ epoch and the ID it follows; a change of epoch or a jump past what was applied i
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -29,6 +30,8 @@ from proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
 from proto.envelope import ENVELOPE_FIELD
 
 log = logging.getLogger(__name__)
+
+_STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
 
 
 class MirrorApplier:
@@ -181,13 +184,12 @@ def _continuity(status: LinkStatus, envelope: Batch | Heartbeat) -> list[Gap]:
 
 
 def _check_ids(envelope: Batch | Heartbeat) -> None:
-    """Raise ``ValueError`` if a stream ID in ``envelope`` does not parse."""
+    """Raise ``ValueError`` if a stream ID in ``envelope`` is not ``<digits>-<digits>``."""
     if isinstance(envelope, Heartbeat):
-        StreamId.parse(envelope.last)
-        return
-    StreamId.parse(envelope.prev)
-    for event in envelope.events:
-        StreamId.parse(event.id)
-    for bound in (envelope.gap_from, envelope.gap_to):
-        if bound is not None:
-            StreamId.parse(bound)
+        ids = [envelope.last]
+    else:
+        ids = [envelope.prev, *(event.id for event in envelope.events)]
+        ids += [bound for bound in (envelope.gap_from, envelope.gap_to) if bound is not None]
+    for stream_id in ids:
+        if _STREAM_ID.fullmatch(stream_id) is None:
+            raise ValueError(f"not a stream ID: {stream_id!r}")

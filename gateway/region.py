@@ -12,7 +12,6 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-import anyio
 import msgspec
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio.cluster import RedisCluster
@@ -20,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.cache import Cache
 from gateway.clock import ServerClock
 from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import AsyncRedis, Connector, connect_cache
+from gateway.connections import AsyncRedis, Connector, close, connect_cache
 from gateway.deadletter import DeadLetters
 from gateway.epoch import Epoch
 from gateway.gaps import Gaps
@@ -106,7 +105,7 @@ def open_region(
         cache_client = connect_cache(config.cache, name=f"invalgw:{config.region}:cache")
     peers = {peer.name: client(peer, f"to:{peer.name}") for peer in config.peers}
     for each in {id(c): c for c in (local, reads, cache_client, *peers.values())}.values():
-        stack.push_async_callback(_close, each)
+        stack.push_async_callback(close, each)
 
     names = Names(config.streams.namespace, config.streams.local)
     cache = Cache(
@@ -152,8 +151,3 @@ def open_region(
 
 async def _nothing() -> None:
     """A resync has no stream entry to acknowledge."""
-
-
-async def _close(client: AsyncRedis | RedisCluster) -> None:
-    with anyio.move_on_after(2, shield=True):
-        await client.aclose()

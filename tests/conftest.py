@@ -15,6 +15,7 @@ import redis.asyncio
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.config import RegionConfig, parse_config, to_toml
+from gateway.connections import close
 from gateway.metrics import Metrics
 from gateway.service import Gateway
 from gateway.wanproxy import WanProxy
@@ -176,7 +177,7 @@ async def clients(
         yield made
     finally:
         for client in made.values():
-            await client.aclose()
+            await close(client)
 
 
 async def wait_until(

@@ -9,6 +9,7 @@ import redis.asyncio
 
 from gateway.cache import UNLINK_CHUNK
 from gateway.config import CacheEndpoint, RegionConfig
+from gateway.connections import close
 from gateway.producer import Invalidator
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
 from tests.servers import RedisServer, no_retry
@@ -49,7 +50,7 @@ async def test_a_cache_in_another_database_is_invalidated_everywhere(
             await wait_until(acknowledged, what="every group to acknowledge")
     finally:
         for cache in caches.values():
-            await cache.aclose()
+            await close(cache)
 
 
 def _with_cache(config: RegionConfig, url: str) -> RegionConfig:

@@ -10,7 +10,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from gateway.cache import Cache
-from gateway.connections import REDIS_ERRORS
+from gateway.connections import REDIS_ERRORS, close
 from gateway.effects import Plan
 from gateway.fence import fence_key, fill, is_fence_key
 from gateway.localredis import RedisProcess
@@ -49,7 +49,7 @@ async def cache(
     try:
         yield Cache(client, fence_ttl_ms=30_000)
     finally:
-        await client.aclose()
+        await close(client)
 
 
 async def populate(cache: Cache, keys: set[str] | list[str]) -> None:
@@ -147,8 +147,8 @@ async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
         await populate(Cache(setup), keys)
         found = {key async for batch in Cache(fresh).scan(f"{prefix}:*") for key in batch}
     finally:
-        await setup.aclose()
-        await fresh.aclose()
+        await close(setup)
+        await close(fresh)
     assert found == keys
 
 
@@ -184,7 +184,7 @@ async def move_slot(nodes: list[RedisProcess], slot: int, *, finish: bool) -> No
                 await client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])  # type: ignore[no-untyped-call]
     finally:
         for client in clients.values():
-            await client.aclose()
+            await close(client)
 
 
 @pytest.mark.parametrize("finish", [True, False], ids=["slot-moved", "slot-migrating"])
@@ -214,7 +214,7 @@ async def test_effects_reach_keys_whose_slot_moved_under_the_client(
                 pipe.execute_command("PTTL", key)
             replies = await pipe.execute()
     finally:
-        await client.aclose()
+        await close(client)
     assert replies[: len(gone)] == [0] * len(gone)
     assert all(0 < ttl <= 30_000 for ttl in replies[len(gone) :])
 
@@ -246,8 +246,8 @@ async def test_a_cluster_missing_a_slot_is_a_redis_error_the_stages_retry(namesp
         with pytest.raises(REDIS_ERRORS):
             await Cache(client).apply(Plan(unlink=[key]))
     finally:
-        await client.aclose()
-        await admin.aclose()
+        await close(client)
+        await close(admin)
         node.cleanup()
 
 

@@ -11,7 +11,7 @@ import redis
 import redis.asyncio
 
 from gateway.config import RedisEndpoint
-from gateway.connections import connect, connect_sync
+from gateway.connections import close, connect, connect_sync
 from tests.servers import docker_available, redis_servers
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +26,7 @@ async def test_unix_socket_urls_connect(tmp_path: Path) -> None:
         try:
             assert await client.ping()
         finally:
-            await client.aclose()
+            await close(client)
         sync_client = connect_sync(endpoint, name="invalgw:test")
         try:
             assert sync_client.ping()

@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from gateway.config import CacheEndpoint, RegionConfig
+from gateway.connections import close
 from gateway.localredis import RedisProcess
 from gateway.names import Names
 from gateway.service import Gateway
@@ -64,7 +65,7 @@ async def cluster_client(cluster_nodes: list[RedisProcess]) -> AsyncIterator[Red
     try:
         yield client
     finally:
-        await client.aclose()
+        await close(client)
 
 
 def node_clients(nodes: list[RedisProcess]) -> list[redis.asyncio.Redis]:
@@ -251,7 +252,7 @@ async def test_a_walk_of_200k_keys_on_a_standalone_cache(
         scan_calls = await command_calls(cache, "scan") - scans
         assert await command_calls(cache, "keys") == keys_calls
     finally:
-        await cache.aclose()
+        await close(cache)
     east = gateways["us-east"]
     assert pattern_metric(east, "invalgw_pattern_keys_total") == WALKED_KEYS
     assert scan_calls >= WALKED_KEYS // 1000  # bounded batches (COUNT 1000), never KEYS
@@ -302,7 +303,7 @@ async def test_a_walk_of_200k_keys_on_a_cluster_cache(
         scan_calls = [n - m for n, m in zip(after, before, strict=True)]
     finally:
         for node in nodes:
-            await node.aclose()
+            await close(node)
     west = gateways["eu-west"]
     assert pattern_metric(west, "invalgw_pattern_keys_total") == WALKED_KEYS
     assert all(calls >= 10 for calls in scan_calls), f"not every primary was walked: {scan_calls}"
@@ -346,7 +347,7 @@ async def test_a_hash_tag_group_on_a_cluster_is_walked_on_its_node_only(
         }
     finally:
         for node in nodes:
-            await node.aclose()
+            await close(node)
     assert pattern_metric(gateways["eu-west"], "invalgw_pattern_keys_total") == len(group)
     assert scans.pop(id(owner)) >= 1
     assert set(scans.values()) == {0}  # the other primaries were not walked at all
@@ -471,7 +472,7 @@ async def test_a_walk_cut_short_by_sigkill_is_redone_on_restart(
             await wait_until(acknowledged, what="the pattern entry acknowledged")
         finally:
             for node in nodes:
-                await node.aclose()
+                await close(node)
     assert "walking the cache" in restarted.log()
     print(
         f"\n{request.node.callspec.id}: killed with {left} of {len(walked)} keys left; walked again"

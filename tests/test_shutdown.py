@@ -12,6 +12,7 @@ import redis
 import redis.asyncio
 
 from gateway.config import RegionConfig
+from gateway.connections import close
 from gateway.groups import GroupReader
 from gateway.metrics import Metrics
 from gateway.service import Gateway
@@ -139,7 +140,7 @@ async def test_cancelled_blocking_read_leaves_client_usable(
         assert [found for found, _ in entries] == [entry_id]
         assert entries[0][1][b"keys"] == b"k"
     finally:
-        await client.aclose()
+        await close(client)
 
 
 @pytest.mark.e2e

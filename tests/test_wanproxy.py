@@ -20,6 +20,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway.connections import close
 from gateway.localredis import free_port
 from gateway.wanproxy import CHUNK_BYTES, QUEUE_CHUNKS, WanProxy, send_command
 from tests.conftest import proxied, via, wait_until
@@ -70,7 +71,7 @@ async def test_forwards_many_connections_and_large_values(redis_url: str, namesp
             assert await clients[0].get(f"{namespace}:big") == value
         finally:
             for client in clients:
-                await client.aclose()
+                await close(client)
         await wait_until(
             lambda: _true(proxy.connections == 0), what="closed clients to be closed in the proxy"
         )
@@ -100,7 +101,7 @@ async def test_delay_is_added_each_way_and_bytes_keep_their_order(
             proxy.set_delay(0)
             assert await round_trip(client) < 0.05
         finally:
-            await client.aclose()
+            await close(client)
 
 
 async def test_blackhole_times_calls_out_and_heal_restores(redis_url: str, namespace: str) -> None:
@@ -127,7 +128,7 @@ async def test_blackhole_times_calls_out_and_heal_restores(redis_url: str, names
             lambda: _exists(direct, key), what="the timed-out SET to land after the heal"
         )
         for each in (client, fresh, direct):
-            await each.aclose()
+            await close(each)
 
 
 async def test_reset_fails_a_call_in_flight_at_once(redis_url: str, namespace: str) -> None:
@@ -152,8 +153,8 @@ async def test_reset_fails_a_call_in_flight_at_once(redis_url: str, namespace: s
             assert proxy.reset_connections() == 1
         assert failed_after[0] < 0.5
         assert await client.ping()  # the next call reconnects
-        await client.aclose()
-    await direct.aclose()
+        await close(client)
+    await close(direct)
 
 
 async def test_refuse_fails_new_connections_at_once_and_heal_reopens(redis_url: str) -> None:
@@ -171,7 +172,7 @@ async def test_refuse_fails_new_connections_at_once_and_heal_reopens(redis_url: 
         proxy.heal()
         assert await fresh.ping()
         for each in (connected, fresh):
-            await each.aclose()
+            await close(each)
 
 
 async def test_a_blackholed_sender_is_pushed_back_and_nothing_is_lost() -> None:
@@ -284,7 +285,7 @@ async def test_cli_proxy_obeys_its_control_port_and_stops_on_sigterm(redis_url: 
         with anyio.fail_after(5):
             assert await process.wait() == 0
     finally:
-        await client.aclose()
+        await close(client)
         if process.returncode is None:
             process.kill()
         await process.aclose()
