@@ -224,7 +224,11 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "probe",
         help="measure the invalidation SLO from outside: canary keys gone in every region",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=(
+            "Cache a canary key in every region, invalidate it from one region (one XADD, like "
+            "any producer) and time how long until it is gone in every region, rotating the "
+            "origin; print the SLO over a sliding window and export it to Prometheus."
+        ),
     )
     parser.add_argument(
         "--config",
