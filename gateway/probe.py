@@ -22,9 +22,10 @@ from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import RegionConfig, load_config
-from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
+from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect, connect_cache
 from gateway.metrics import LAG_BUCKETS
 from gateway.producer import Invalidator
 
@@ -144,30 +145,40 @@ class Prober:
         self.window = SloWindow(window_s)
         self.registry = registry or CollectorRegistry()
         self.metrics = ProbeMetrics(self.registry, threshold_s, window_s)
-        self.clients: dict[str, AsyncRedis] = {
+        self.streams: dict[str, AsyncRedis] = {
             config.region: connect(config.redis, name=f"invalgw:probe:{config.region}")
             for config in configs
         }
+        """Where the canary invalidation is written: each region's stream Redis."""
+        self.caches: dict[str, AsyncRedis | RedisCluster] = {
+            config.region: (
+                self.streams[config.region]
+                if config.cache is None
+                else connect_cache(config.cache, name=f"invalgw:probe:{config.region}:cache")
+            )
+            for config in configs
+        }
+        """Where the canary key is cached and watched: each region's cache."""
         self._seq = itertools.count()
         self.failures = 0
         """Canaries not gone everywhere within the timeout, since the probe started."""
 
     async def aclose(self) -> None:
-        for client in self.clients.values():
+        for client in {id(c): c for c in (*self.streams.values(), *self.caches.values())}.values():
             await close(client)
 
     async def probe_once(self, origin: RegionConfig) -> ProbeResult | None:
         """One canary round from ``origin``; None if a region's Redis could not be reached."""
         key = f"{origin.streams.namespace}:probe:{origin.region}:{next(self._seq)}:{time.time_ns()}"
         try:
-            for client in self.clients.values():
-                await client.set(key, "canary", ex=max(60, int(self.timeout_s * 2)))
+            for cache in self.caches.values():
+                await cache.set(key, "canary", ex=max(60, int(self.timeout_s * 2)))
         except REDIS_ERRORS as exc:
             self.metrics.errors.labels(origin.region).inc()
             log.warning("probe: cannot cache the canary key: %s", exc)
             return None
         invalidator = Invalidator(
-            self.clients[origin.region], stream=origin.streams.local, source="invalgw-probe"
+            self.streams[origin.region], stream=origin.streams.local, source="invalgw-probe"
         )
         started = time.monotonic()
         try:
@@ -190,12 +201,12 @@ class Prober:
         return result
 
     async def _until_gone(self, key: str, started: float) -> float | None:
-        remaining = set(self.clients)
+        remaining = set(self.caches)
         deadline = started + self.timeout_s
         while remaining and time.monotonic() < deadline:
             for region in list(remaining):
                 try:
-                    if not await self.clients[region].exists(key):
+                    if not await self.caches[region].exists(key):
                         remaining.discard(region)
                 except REDIS_ERRORS:
                     self.metrics.errors.labels(region).inc()

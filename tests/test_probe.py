@@ -73,3 +73,28 @@ def test_window_keeps_only_recent_probes() -> None:
     assert window.ratio_within(0.25) == 1.0
     assert format_duration(0.25) == "250 ms"
     assert format_duration(600) == "10 minutes"
+
+
+@pytest.mark.anyio
+async def test_probe_watches_each_region_s_cache_not_its_stream_redis(
+    configs: dict[str, RegionConfig],
+) -> None:
+    """A region whose cache is another Redis (here: another database) is probed there."""
+    import msgspec
+
+    from gateway.config import CacheEndpoint
+
+    separate = {
+        name: msgspec.structs.replace(
+            config, cache=CacheEndpoint(url=config.redis.url.rsplit("/", 1)[0] + "/2")
+        )
+        for name, config in configs.items()
+    }
+    async with running(separate):
+        prober = Prober(list(separate.values()), threshold_s=5.0, window_s=600, timeout_s=10)
+        try:
+            result = await prober.probe_once(separate["eu-west"])
+        finally:
+            await prober.aclose()
+    assert result is not None
+    assert result.seconds is not None
