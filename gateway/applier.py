@@ -170,9 +170,10 @@ class LocalApplier:
         started_ns = time.time_ns()
         scanning = {event.id.encode() for event in plan.scans}
         for event in plan.scans:  # acknowledged when the walk of the cache is done
+            self.reader.hold(event.id.encode())
             ack = partial(self.reader.ack, [event.id.encode()])
             self.scanner.submit(ScanJob(event, self.region, ack))
-        if valid:
+        if valid and StreamId.parse(valid[-1].id) > StreamId.parse(self.status.last_id):
             self.status.last_id = valid[-1].id
         self.status.epoch = self.epoch.value
         acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]

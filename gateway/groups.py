@@ -47,6 +47,8 @@ class GroupReader:
         self._on_recreated = on_recreated
         self._on_read = on_read
         self._cursor = b"0"
+        self._held: set[bytes] = set()
+        """Entries left pending on purpose (a pattern walk in progress): not handed out again."""
 
     async def ensure_group(self) -> bool:
         """Create the group (and the stream) if missing; True if it had to be created.
@@ -60,6 +62,10 @@ class GroupReader:
                 return False
             raise
         return True
+
+    def hold(self, entry_id: bytes) -> None:
+        """Keep ``entry_id`` pending without handing it out again, until :meth:`ack`."""
+        self._held.add(entry_id)
 
     def rewind(self) -> None:
         """Read this consumer's pending entries again before new ones (after a failed batch)."""
@@ -88,6 +94,8 @@ class GroupReader:
         entries: list[Entry] = reply[0][1] if reply else []
         if pending:
             self._cursor = entries[-1][0] if entries else b">"
+            if self._held:
+                entries = [entry for entry in entries if entry[0] not in self._held]
         return entries
 
     async def _recreate(self) -> None:
@@ -99,6 +107,7 @@ class GroupReader:
         )
         await self.ensure_group()
         self.rewind()
+        self._held.clear()  # the pending list went with the group
         if self._on_recreated is not None:
             await self._on_recreated()
 
@@ -107,7 +116,8 @@ class GroupReader:
 
         Returns how many were claimed and the IDs of pending entries whose data was already
         deleted from the stream (Redis drops those from the pending list: they are lost).
-        The claimed entries are read next, through the pending list, in ID order.
+        The claimed entries are read next, through the pending list, in ID order. Entries this
+        reader holds (:meth:`hold`) are idle on purpose: they are neither counted nor re-read.
         """
         start: bytes | str = "0-0"
         claimed = 0
@@ -123,7 +133,7 @@ class GroupReader:
                 await self._recreate()
                 return claimed, deleted
             start, entries, *rest = reply
-            claimed += len(entries)
+            claimed += sum(1 for entry_id, _ in entries if entry_id not in self._held)
             if rest:
                 deleted += rest[0]
             if start == b"0-0":
@@ -135,3 +145,4 @@ class GroupReader:
     async def ack(self, ids: Sequence[bytes]) -> None:
         if ids:
             await self.client.xack(self.stream, self.group, *ids)
+            self._held.difference_update(ids)

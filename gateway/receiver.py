@@ -126,6 +126,7 @@ class MirrorApplier:
             status.gaps += 1
             await self.gaps.record(self.origin, reason, after=after, upto=upto)
         for entry_id, patterns in scans.items():  # acknowledged once every walk is done
+            self.reader.hold(entry_id)
             done = self._ack_after(entry_id, len(patterns))
             for event in patterns:
                 self.scanner.submit(ScanJob(event, self.origin, done))
