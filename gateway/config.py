@@ -129,6 +129,8 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Upper bound of the jittered wait between attempts to reach a Redis that is down."""
     drain_timeout_ms: int = 10_000
     """How long the first SIGTERM waits for batches in hand before exiting anyway."""
+    lease_ms: int = 10_000
+    """TTL of the region lease: a standby takes over this long after the holder died."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
@@ -141,6 +143,7 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             "trim_interval_ms",
             "retry_backoff_cap_ms",
             "drain_timeout_ms",
+            "lease_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")

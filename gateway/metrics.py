@@ -223,6 +223,12 @@ class Metrics:
             ["region", "peer"],
             registry=r,
         )
+        self.lease_held = Gauge(
+            "invalgw_lease_held",
+            "1 while this gateway holds its region's lease and runs the stages; 0 as a standby.",
+            ["region"],
+            registry=r,
+        )
         self.link_up = Gauge(
             "invalgw_link_up",
             "1 while the last attempt to reach a peer's Redis succeeded, else 0.",

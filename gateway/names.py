@@ -43,6 +43,11 @@ class Names:
         return f"{self.namespace}:gaps"
 
     @property
+    def lease(self) -> str:
+        """Key in the region's Redis naming the gateway that runs the region's stages."""
+        return f"{self.namespace}:lease"
+
+    @property
     def epoch(self) -> str:
         return f"{self.namespace}:epoch"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -25,10 +26,11 @@ from gateway.config import RegionConfig
 from gateway.connections import REDIS_ERRORS, Connector, connect
 from gateway.errors import GatewayError
 from gateway.forwarder import Forwarder
+from gateway.lease import RegionLease
 from gateway.metrics import Metrics
 from gateway.region import Region, open_region
 from gateway.stages import build_pipeline
-from gateway.worker import Drain, until_ok
+from gateway.worker import Drain, backoff_seconds, log_failure, until_ok
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Gateway:
         self.connector = connector
         self.drain = Drain()
         self.forwarders: dict[str, Forwarder] = {}
+        self.lease_lost = False
+        """Another gateway of this region took over (or the lease expired): this one stopped."""
         self._force = anyio.CancelScope()
 
     def request_drain(self) -> None:
@@ -69,6 +73,7 @@ class Gateway:
         """Run until drained or force-stopped; reports ready when every stage has started."""
         with self._force:
             async with AsyncExitStack() as stack:
+                self._serve_metrics(stack)
                 region = open_region(
                     self.config,
                     stack=stack,
@@ -83,18 +88,93 @@ class Gateway:
                     name=f"{region.name}: connect",
                     on_error=region.counts_errors("connect"),
                 )
-                if not ready:  # drained before the region's Redis could be reached
+                lease = RegionLease(
+                    region.local,
+                    region.names.lease,
+                    self.config.consumer,
+                    ttl_ms=self.config.gateway.lease_ms,
+                )
+                if ready:
+                    ready = await self._take_lease(region, lease)
+                if not ready:  # drained before the region's Redis answered, or as a standby
                     task_status.started()
                     return
-                self._serve_metrics(stack)
-                await self._run(region, task_status)
+                stack.push_async_callback(self._release_lease, lease)
+                await self._run(region, lease, task_status)
 
-    async def _run(self, region: Region, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _take_lease(self, region: Region, lease: RegionLease) -> bool:
+        """Wait, as a standby, until this gateway holds the region's lease; False if drained."""
+        held = self.metrics.lease_held.labels(region.name)
+        held.set(0)
+        waiting_since = time.monotonic()
+        last_said = 0.0
+        failures = 0
+        while not self.drain.requested:
+            try:
+                holder = await lease.try_acquire()
+            except REDIS_ERRORS as exc:
+                failures += 1
+                region.counts_errors("lease")(exc)
+                log_failure(f"{region.name}: lease", exc, failures)
+                await self.drain.sleep(backoff_seconds(failures))
+                continue
+            if holder is None:
+                held.set(1)
+                if last_said:
+                    log.info("%s: took over the region's lease", region.name)
+                return True
+            if time.monotonic() - last_said > 30:
+                log.warning(
+                    "%s: another gateway of this region holds its lease (%s) since %.0f s ago "
+                    "or more; waiting as a standby",
+                    region.name,
+                    holder,
+                    time.monotonic() - waiting_since,
+                )
+                last_said = time.monotonic()
+            await self.drain.sleep(lease.renew_interval_s)
+        return False
+
+    async def _keep_lease(self, region: Region, lease: RegionLease) -> None:
+        """Renew the lease until cancelled; if it is lost, stop everything at once."""
+        while True:
+            await anyio.sleep(lease.renew_interval_s)
+            try:
+                ours = await lease.renew()
+            except REDIS_ERRORS as exc:  # nobody can take it there either; try again
+                region.counts_errors("lease")(exc)
+                log.warning("%s: cannot renew the region's lease: %s", region.name, exc)
+                continue
+            if not ours:
+                log.error(
+                    "%s: another gateway of this region took its lease; stopping at once",
+                    region.name,
+                )
+                self.metrics.lease_held.labels(region.name).set(0)
+                self.lease_lost = True
+                self.force_stop()
+                return
+
+    async def _release_lease(self, lease: RegionLease) -> None:
+        """Hand the lease over at once to a standby (unless it was lost)."""
+        if self.lease_lost:
+            return
+        with anyio.move_on_after(2, shield=True):
+            try:
+                await lease.release()
+            except REDIS_ERRORS as exc:
+                log.debug("releasing the region's lease: %s", exc)
+        self.metrics.lease_held.labels(self.config.region).set(0)
+
+    async def _run(
+        self, region: Region, lease: RegionLease, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         pipeline = build_pipeline(region)
         self.forwarders = pipeline.forwarders
         chores = Chores(region, pipeline)
         async with anyio.create_task_group() as background:
             chores.start(background)
+            background.start_soon(self._keep_lease, region, lease)
             async with anyio.create_task_group() as workers:
                 await workers.start(region.scanner.run)
                 for stage in pipeline.stages:
@@ -185,6 +265,8 @@ async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
                 tg.start_soon(watch, signals)
                 await gateway.run()
                 tg.cancel_scope.cancel()
+        if gateway.lease_lost:
+            exit_code = 1
     finally:
         if provider is not None:  # flush what is buffered, but never hang on a dead collector
             await anyio.to_thread.run_sync(tracing.shutdown, provider)

@@ -105,6 +105,7 @@ def make_configs(
                 "heartbeat_interval_ms": 200,
                 "retry_backoff_cap_ms": 200,
                 "drain_timeout_ms": 5000,
+                "lease_ms": 1000,
             },
         }
         for section, values in overrides.items():
