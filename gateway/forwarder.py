@@ -173,14 +173,19 @@ class Forwarder:
             if gap:
                 # Only the gap just delivered: one noted meanwhile (by trimming) must stay.
                 await self._clear_gap(keys=[self._link_key], args=list(gap), client=pipe)
-            pipe.xack(self.reader.stream, self.reader.group, *[entry_id for entry_id, _ in entries])
+            if entries:
+                pipe.xack(self.reader.stream, self.reader.group, *[e for e, _ in entries])
             await pipe.execute()
         if gap == self.pending_gap:
             self.pending_gap = None
         self._batch.observe(len(valid))
 
     async def idle(self) -> None:
-        """No new entries: send a heartbeat if the link has been quiet for an interval."""
+        """No new entries: tell the peer of a gap now (it may otherwise wait for traffic), or
+        send a heartbeat if the link has been quiet for an interval."""
+        if self.pending_gap is not None:
+            await self(())
+            return
         now = self.clock.now_ms()
         if now - self.last_sent_ms < self.heartbeat_interval_ms:
             return

@@ -72,6 +72,8 @@ async def trim_stream(
         if missing:
             log.debug("not trimming %s: groups %s do not exist yet", stream, sorted(missing))
         return groups
+    if groups_needed:
+        groups = _without_strangers(stream, groups, groups_needed)
     floor: StreamId | None = None
     for group in groups:
         position = group.last_delivered
@@ -98,6 +100,28 @@ async def trim_stream(
                 if on_gap is not None:
                     await on_gap(group.name, str(group.last_delivered), str(deleted))
     return groups
+
+
+_strangers_named: set[tuple[str, str]] = set()
+
+
+def _without_strangers(
+    stream: str, groups: list[GroupPosition], needed: Collection[str]
+) -> list[GroupPosition]:
+    """The groups that hold trimming back: a group no stage reads (a peer removed from the
+    config) would otherwise keep the stream at its hard cap for good."""
+    for group in groups:
+        if group.name not in needed and (stream, group.name) not in _strangers_named:
+            _strangers_named.add((stream, group.name))
+            log.warning(
+                "consumer group %r of stream %s belongs to no configured peer: trimming no longer "
+                "waits for it. If its peer is gone for good: XGROUP DESTROY %s %s",
+                group.name,
+                stream,
+                stream,
+                group.name,
+            )
+    return [group for group in groups if group.name in needed]
 
 
 async def every(

@@ -6,7 +6,6 @@ reads what must be known before any stage starts, retried until the region's Red
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -116,12 +115,12 @@ def open_region(
     resolver = Resolver(config.policy, config.region, config.regions)
     scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
     stack.callback(scanner.close)
-    resyncs = itertools.count()
 
     def resync(origin: str) -> None:
-        """A gap from ``origin``: soft-expire what the policy names, staggered as usual."""
+        """A gap from ``origin``: soft-expire what the policy names, staggered as usual. One
+        walk per origin and pattern at a time: gaps recorded meanwhile join the walk queued."""
         for pattern in config.policy.resync_patterns:
-            event = Invalidation(f"resync-{next(resyncs)}", "expire", [], pattern=pattern)
+            event = Invalidation(f"resync:{pattern}", "expire", [], pattern=pattern)
             scanner.submit(ScanJob(event, origin, _nothing))
 
     return Region(
