@@ -25,13 +25,6 @@ from proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
 log = logging.getLogger(__name__)
 
 
-def id_ms(entry_id: str | bytes) -> int:
-    """The millisecond part of a stream ID: the origin Redis's clock at XADD."""
-    if isinstance(entry_id, bytes):
-        return int(entry_id.partition(b"-")[0])
-    return int(entry_id.partition("-")[0])
-
-
 def parse_batch(
     entries: Sequence[Entry], limits: Limits
 ) -> tuple[list[Invalidation], list[DeadLetter], list[bytes]]:
