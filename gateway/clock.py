@@ -45,11 +45,6 @@ class ServerClock:
             raise LookupError("no TIME sample yet")
         return min(self._samples)[1]
 
-    @property
-    def uncertainty_ms(self) -> float:
-        """Half the round trip of the sample in use: the most the offset can be off by."""
-        return min(self._samples)[0] / 2 if self._samples else float("inf")
-
     def now_ms(self) -> float:
         """The server's clock now, in ms since the Unix epoch."""
         return self._monotonic() * 1000 + self.offset_ms

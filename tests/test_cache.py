@@ -264,3 +264,28 @@ async def test_keys_without_a_usable_hash_tag_can_be_fenced(
     assert is_fence_key(fence_key(key))
     assert not await fill(cache.client, key, "read at 4", version=4)  # type: ignore[arg-type]
     assert await fill(cache.client, key, "read at 5", version=5)  # type: ignore[arg-type]
+
+
+def test_the_blocking_fill_helper_obeys_the_fence(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """fill_sync, for services without asyncio, refuses and admits like fill."""
+    import redis
+
+    from gateway.fence import fill_sync
+
+    client = redis.Redis.from_url(
+        session_servers[0].url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+    )
+    key = f"{namespace}:sync:profile"
+    try:
+        client.set(fence_key(key), "42")
+        assert not fill_sync(client, key, "read at 41", version=41, ttl_ms=10_000)
+        assert client.exists(key) == 0
+        assert fill_sync(client, key, "read at 42", version=42, ttl_ms=10_000)
+        assert client.get(key) == b"read at 42"
+    finally:
+        client.close()
