@@ -20,9 +20,9 @@ from typing import Any
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from gateway.effects import Plan
-from gateway.fence import APPLY_SCRIPT as FENCE_SCRIPT
-from gateway.fence import fence_key, hash_tag
+from invalgw.effects import Plan
+from invalgw.fence import APPLY_SCRIPT as FENCE_SCRIPT
+from invalgw.fence import fence_key, hash_tag
 
 log = logging.getLogger(__name__)
 

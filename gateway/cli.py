@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from gateway.config import RedisEndpoint, RegionConfig, load_config, redact
-from gateway.connections import close, connect, connect_sync, probe
-from gateway.errors import ConfigError, GatewayError, RedisUnreachable
+from invalgw import __version__
+from invalgw.config import RedisEndpoint, RegionConfig, load_config, redact
+from invalgw.connections import close, connect, connect_sync, probe
+from invalgw.errors import ConfigError, GatewayError, RedisUnreachable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="invalgw",
         description="Multi-region cache-invalidation gateway for Redis.",
     )
+    parser.add_argument("--version", action="version", version=f"invalgw {__version__}")
     parser.add_argument(
         "--log-level",
         default="info",
@@ -90,9 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("keys", nargs="+", metavar="KEY")
     publish.set_defaults(command=cmd_publish)
 
-    from gateway import bench, demo, lagcmd, probe, wanproxy
+    from invalgw.dev import bench, demo, wanproxy
+    from invalgw.ops import lag, probe
 
-    lagcmd.add_parser(commands)
+    lag.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)
     probe.add_parser(commands)
@@ -134,14 +137,14 @@ async def _reach_all(config: RegionConfig) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.service import serve
+    from invalgw.service import serve
 
     config = load_config(args.config)
     return anyio.run(serve, config)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from gateway.producer import SyncInvalidator
+    from invalgw.producer import SyncInvalidator
 
     config = load_config(args.config)
     if args.unlink_local and config.cache is not None:

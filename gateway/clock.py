@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from gateway.connections import AsyncRedis
+from invalgw.connections import AsyncRedis
 
 Monotonic = Callable[[], float]
 
@@ -48,3 +48,9 @@ class ServerClock:
     def now_ms(self) -> float:
         """The server's clock now, in ms since the Unix epoch."""
         return self._monotonic() * 1000 + self.offset_ms
+
+
+async def sample_clock(clock: ServerClock, client: AsyncRedis, samples: int = 3) -> None:
+    """A few TIME samples in a row; the least-delayed one wins."""
+    for _ in range(samples):
+        await clock.sample(client)

@@ -18,9 +18,9 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import msgspec
 import redis.connection
 
-from gateway.errors import ConfigError
-from gateway.policy import Policy
-from proto import Limits
+from invalgw.errors import ConfigError
+from invalgw.policy import Policy
+from invalgw.proto import Limits
 
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 """Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""

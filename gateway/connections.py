@@ -18,8 +18,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from gateway.config import CacheEndpoint, RedisEndpoint, redact
-from gateway.errors import RedisUnreachable
+from invalgw.config import CacheEndpoint, RedisEndpoint, redact
+from invalgw.errors import RedisUnreachable
 
 log = logging.getLogger(__name__)
 

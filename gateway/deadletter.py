@@ -11,8 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.connections import AsyncRedis
-from gateway.metrics import Metrics
+from invalgw.connections import AsyncRedis
+from invalgw.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gateway.policy import Resolver
-from proto import Invalidation
+from invalgw.policy import Resolver
+from invalgw.proto import Invalidation
 
 
 @dataclass

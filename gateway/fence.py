@@ -10,7 +10,7 @@ script on the key's own Redis (the tombstone shares the key's hash slot, so it w
 
 ::
 
-    from gateway.fence import fill
+    from invalgw.fence import fill
     stored = await fill(client, "user:1001:profile", value, version=row.version, ttl_ms=60_000)
     # False: the row changed (and was invalidated) since this value was read: not cached.
 """
@@ -24,7 +24,7 @@ import redis
 import redis.asyncio
 from redis.crc import key_slot
 
-from gateway.connections import AsyncRedis
+from invalgw.connections import AsyncRedis
 
 FENCE_SUFFIX = ":invalgw:fence"
 

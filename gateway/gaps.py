@@ -14,8 +14,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.connections import AsyncRedis
-from gateway.metrics import Metrics
+from invalgw.connections import AsyncRedis
+from invalgw.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

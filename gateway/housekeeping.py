@@ -1,4 +1,4 @@
-"""Periodic chores of a gateway: trimming streams, sampling clocks, publishing status.
+"""Periodic chores around a region's stages: trimming streams, sampling clocks, publishing status.
 
 Trimming follows the slowest consumer group: an entry goes only once every group (local apply and
 every peer) has acknowledged it. Above the hard cap the oldest entries go anyway, and every group
@@ -8,18 +8,21 @@ that had not received them gets a gap, recorded and sent on to its peer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import anyio
+import anyio.abc
 import redis
 
-from gateway.clock import ServerClock
-from gateway.connections import REDIS_ERRORS, AsyncRedis
-from gateway.lag import LagWindow, LinkStatus, status_encoder
-from gateway.metrics import Metrics
-from proto import StreamId
+from invalgw.clock import sample_clock
+from invalgw.connections import REDIS_ERRORS, AsyncRedis
+from invalgw.lag import publish_status
+from invalgw.names import APPLY_GROUP, forward_group
+from invalgw.pipeline import Pipeline
+from invalgw.proto import StreamId
+from invalgw.region import Region
 
 log = logging.getLogger(__name__)
 
@@ -146,40 +149,70 @@ async def every(
         await anyio.sleep(interval_s)
 
 
-async def sample_clock(clock: ServerClock, client: AsyncRedis, samples: int = 3) -> None:
-    """A few TIME samples in a row; the least-delayed one wins."""
-    for _ in range(samples):
-        await clock.sample(client)
+CLOCK_SAMPLE_INTERVAL_S = 5.0
+STATUS_INTERVAL_S = 1.0
 
 
-@dataclass
-class StatusSource:
-    status: LinkStatus
-    window: LagWindow
-    origin_now_ms: Callable[[], float]
+class Chores:
+    def __init__(self, region: Region, pipeline: Pipeline) -> None:
+        self.region = region
+        self.pipeline = pipeline
 
-
-async def publish_status(
-    client: AsyncRedis,
-    key: str,
-    sources: Sequence[StatusSource],
-    *,
-    local_clock: ServerClock,
-    metrics: Metrics,
-) -> None:
-    """Summarise each origin's lag window into its status and save them all (one HSET)."""
-    mapping: dict[Any, Any] = {}
-    for source in sources:
-        status = source.status
-        status.lag_p50_ms, status.lag_p99_ms, status.lag_max_ms = source.window.take()
-        if status.heartbeat_ms:
-            status.heartbeat_age_ms = max(0.0, source.origin_now_ms() - status.heartbeat_ms)
-            metrics.heartbeat_age.labels(status.region, status.origin).set(
-                status.heartbeat_age_ms / 1000
+    def start(self, group: anyio.abc.TaskGroup) -> None:
+        """Run every chore in ``group`` until it is cancelled; their errors are never fatal."""
+        region = self.region
+        trim_every = region.config.gateway.trim_interval_ms / 1000
+        trim_errors = region.counts_errors("trim")
+        group.start_soon(partial(every, trim_every, self.trim, name="trim", on_error=trim_errors))
+        local_sample = partial(sample_clock, region.local_clock, region.local)
+        group.start_soon(partial(every, CLOCK_SAMPLE_INTERVAL_S, local_sample, name="local clock"))
+        for peer in region.peers:  # a task each: a peer that does not answer delays only its own
+            peer_sample = partial(self.sample_peer_clock, peer)
+            group.start_soon(
+                partial(every, CLOCK_SAMPLE_INTERVAL_S, peer_sample, name=f"clock of {peer}")
             )
-        local_now_ms = local_clock.now_ms()
-        status.origin_clock_offset_ms = source.origin_now_ms() - local_now_ms
-        status.updated_ms = int(local_now_ms)
-        mapping[status.origin] = status_encoder.encode(status)
-    if mapping:
-        await client.hset(key, mapping=mapping)
+        group.start_soon(partial(every, STATUS_INTERVAL_S, self.publish_status, name="status"))
+
+    async def trim(self) -> None:
+        """Trim the local stream below its slowest group (and to its cap), then the mirrors."""
+        region, config = self.region, self.region.config
+        positions = await trim_stream(
+            region.local,
+            region.names.local_stream,
+            max_len=config.streams.max_len,
+            on_gap=self._trimmed_before_delivery,
+            groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
+        )
+        for position in positions:
+            backlog = position.pending + (position.lag or 0)
+            region.metrics.backlog.labels(region.name, position.name).set(backlog)
+        for peer in config.peers:
+            await trim_stream(
+                region.local, region.names.mirror(peer.name), max_len=config.streams.mirror_max_len
+            )
+
+    async def _trimmed_before_delivery(self, group: str, after: str, upto: str) -> None:
+        if group == APPLY_GROUP:
+            await self.region.gaps.record(
+                self.region.name, "trimmed before local apply", after=after, upto=upto
+            )
+        elif group.startswith("to:") and group[3:] in self.pipeline.forwarders:
+            await self.pipeline.forwarders[group[3:]].add_gap(after, upto)
+
+    async def sample_peer_clock(self, peer: str) -> None:
+        region = self.region
+        clock = region.peer_clocks[peer]
+        await sample_clock(clock, region.peers[peer])
+        offset = clock.offset_ms - region.local_clock.offset_ms
+        region.metrics.clock_offset.labels(region.name, peer).set(offset / 1000)
+
+    async def publish_status(self) -> None:
+        region = self.region
+        region.statuses[region.name].epoch = region.epoch.value
+        await publish_status(
+            region.local,
+            region.names.status,
+            self.pipeline.status_sources,
+            local_clock=region.local_clock,
+            metrics=region.metrics,
+        )

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
-from gateway.cache import queue_unlink
-from gateway.groups import GroupReader
+from invalgw.clock import ServerClock
+from invalgw.connections import AsyncRedis
+from invalgw.metrics import Metrics
 
 
 class LinkStatus(msgspec.Struct, kw_only=True):
@@ -100,27 +103,34 @@ status_encoder = msgspec.json.Encoder()
 status_decoder = msgspec.json.Decoder(LinkStatus)
 
 
-async def ack_with_status(
-    reader: GroupReader,
-    ids: Sequence[bytes],
-    status_key: str,
-    status: LinkStatus,
+@dataclass
+class StatusSource:
+    status: LinkStatus
+    window: LagWindow
+    origin_now_ms: Callable[[], float]
+
+
+async def publish_status(
+    client: AsyncRedis,
+    key: str,
+    sources: Sequence[StatusSource],
     *,
-    unlink: Sequence[str] = (),
-) -> int:
-    """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
-
-    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
-    and its acknowledgement take one round trip and land together or not at all. Returns how
-    many of them existed. Keep them few: the transaction holds the Redis while it runs.
-
-    ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
-    of the cache end, and its status is saved now.
-    """
-    async with reader.client.pipeline(transaction=True) as pipe:
-        unlinks = queue_unlink(pipe, unlink)
-        if ids:
-            pipe.xack(reader.stream, reader.group, *ids)
-        pipe.hset(status_key, status.origin, status_encoder.encode(status))
-        results = await pipe.execute()
-    return sum(results[:unlinks])
+    local_clock: ServerClock,
+    metrics: Metrics,
+) -> None:
+    """Summarise each origin's lag window into its status and save them all (one HSET)."""
+    mapping: dict[Any, Any] = {}
+    for source in sources:
+        status = source.status
+        status.lag_p50_ms, status.lag_p99_ms, status.lag_max_ms = source.window.take()
+        if status.heartbeat_ms:
+            status.heartbeat_age_ms = max(0.0, source.origin_now_ms() - status.heartbeat_ms)
+            metrics.heartbeat_age.labels(status.region, status.origin).set(
+                status.heartbeat_age_ms / 1000
+            )
+        local_now_ms = local_clock.now_ms()
+        status.origin_clock_offset_ms = source.origin_now_ms() - local_now_ms
+        status.updated_ms = int(local_now_ms)
+        mapping[status.origin] = status_encoder.encode(status)
+    if mapping:
+        await client.hset(key, mapping=mapping)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from gateway.connections import AsyncRedis
+from invalgw.connections import AsyncRedis
 
 log = logging.getLogger(__name__)
 

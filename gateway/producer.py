@@ -2,7 +2,7 @@
 
 ::
 
-    from gateway.producer import Invalidator
+    from invalgw.producer import Invalidator
 
     invalidator = Invalidator(redis_client)              # redis.asyncio.Redis
     await invalidator.invalidate("user:1001:profile", "user:1001:permissions")
@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from proto import entry_fields
+from invalgw.proto import entry_fields
 
 DEFAULT_STREAM = "invalidations"
 

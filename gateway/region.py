@@ -15,22 +15,21 @@ import msgspec
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.cache import Cache
-from gateway.clock import ServerClock
-from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import AsyncRedis, Connector, close, connect_cache
-from gateway.deadletter import DeadLetters
-from gateway.epoch import Epoch
-from gateway.gaps import Gaps
-from gateway.housekeeping import sample_clock
-from gateway.lag import LinkStatus, status_decoder
-from gateway.metrics import Metrics
-from gateway.names import Names
-from gateway.policy import Resolver
-from gateway.scanner import ScanJob, Scanner
-from gateway.tracing import InvalidationTracer
-from gateway.worker import Drain
-from proto import Invalidation
+from invalgw.cache import Cache
+from invalgw.clock import ServerClock, sample_clock
+from invalgw.config import RedisEndpoint, RegionConfig
+from invalgw.connections import AsyncRedis, Connector, close, connect_cache
+from invalgw.deadletter import DeadLetters
+from invalgw.epoch import Epoch
+from invalgw.gaps import Gaps
+from invalgw.lag import LinkStatus, status_decoder
+from invalgw.metrics import Metrics
+from invalgw.names import Names
+from invalgw.policy import Resolver
+from invalgw.proto import Invalidation
+from invalgw.scanner import ScanJob, Scanner
+from invalgw.stages import Drain
+from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
 

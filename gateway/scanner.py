@@ -20,14 +20,14 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from gateway.cache import Cache
-from gateway.connections import REDIS_ERRORS
-from gateway.effects import Plan, plan_keys
-from gateway.fence import is_fence_key
-from gateway.metrics import Metrics
-from gateway.policy import Resolver
-from gateway.worker import Drain, backoff_seconds, log_failure
-from proto import Invalidation
+from invalgw.cache import Cache
+from invalgw.connections import REDIS_ERRORS
+from invalgw.effects import Plan, plan_keys
+from invalgw.fence import is_fence_key
+from invalgw.metrics import Metrics
+from invalgw.policy import Resolver
+from invalgw.proto import Invalidation
+from invalgw.stages import Drain, backoff_seconds, log_failure
 
 log = logging.getLogger(__name__)
 

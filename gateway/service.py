@@ -1,7 +1,7 @@
 """One region's gateway: its stages and chores, run until drained, and the process around it.
 
-The stages are in :mod:`gateway.stages`, the parts they share in :mod:`gateway.region`, the
-periodic work in :mod:`gateway.chores`. :func:`serve` adds what a supervised process needs:
+The stages are in :mod:`invalgw.pipeline`, the parts they share in :mod:`invalgw.region`, the
+periodic work in :mod:`invalgw.housekeeping`. :func:`serve` adds what a supervised process needs:
 signals, a bounded drain, an exit status, and flushing traces on the way out.
 """
 
@@ -20,17 +20,17 @@ import anyio.to_thread
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import start_http_server
 
-from gateway import tracing
-from gateway.chores import Chores
-from gateway.config import RegionConfig
-from gateway.connections import REDIS_ERRORS, Connector, connect
-from gateway.errors import GatewayError
-from gateway.forwarder import Forwarder
-from gateway.lease import RegionLease
-from gateway.metrics import Metrics
-from gateway.region import Region, open_region
-from gateway.stages import build_pipeline
-from gateway.worker import Drain, backoff_seconds, log_failure, until_ok
+from invalgw import tracing
+from invalgw.config import RegionConfig
+from invalgw.connections import REDIS_ERRORS, Connector, connect
+from invalgw.errors import GatewayError
+from invalgw.forward import Forwarder
+from invalgw.housekeeping import Chores
+from invalgw.lease import RegionLease
+from invalgw.metrics import Metrics
+from invalgw.pipeline import build_pipeline
+from invalgw.region import Region, open_region
+from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
 
 log = logging.getLogger(__name__)
 

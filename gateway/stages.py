@@ -1,169 +1,219 @@
-"""The pipeline stages of one region, each with its own consumer group (own cursor, own backlog):
+"""The read → effect → acknowledge loop every pipeline stage runs, and the drain that stops it.
 
-- ``apply``: the local stream → this region's cache, at once;
-- ``to:<peer>``: the local stream → the peer's mirror stream, one per peer;
-- ``from:<peer>``: the mirror stream from a peer → this region's cache, one per peer.
+A stage (local apply, forward to a peer, apply a peer's mirror) is a :class:`GroupReader` plus a
+handler that performs the effect and acknowledges. The loop survives Redis being unreachable:
+it backs off (capped, jittered), rewinds to the pending entries and tries again, so nothing is
+skipped. A drain interrupts the wait for new entries; a batch in hand is finished, except that a
+handler may let the drain abandon a call whose repetition is harmless (see
+:meth:`Drain.interruptible`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 
-from gateway.applier import LocalApplier
-from gateway.epoch import EpochWatch
-from gateway.forwarder import Forwarder
-from gateway.groups import GroupReader
-from gateway.housekeeping import StatusSource
-from gateway.names import APPLY_GROUP, forward_group
-from gateway.receiver import MirrorApplier
-from gateway.region import Region
-from gateway.worker import Handler, Stage
-from proto import StreamId
+import anyio
 
+from invalgw.connections import REDIS_ERRORS
+from invalgw.read import Entry, GroupReader
 
-@dataclass
-class Pipeline:
-    stages: list[Stage] = field(default_factory=list)
-    forwarders: dict[str, Forwarder] = field(default_factory=dict)
-    status_sources: list[StatusSource] = field(default_factory=list)
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Sequence[Entry]], Awaitable[None]]
 
 
-def build_pipeline(region: Region) -> Pipeline:
-    pipeline = Pipeline()
-    config, names = region.config, region.names
+class Drain:
+    """Asks every stage to stop after the batch in hand (first SIGTERM/SIGINT)."""
 
-    local = LocalApplier(
-        region=region.name,
-        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply"),
-        cache=region.cache,
-        dead_letters=region.dead_letters,
-        gaps=region.gaps,
-        limits=config.limits,
-        metrics=region.metrics,
-        clock=region.local_clock,
-        status=region.statuses[region.name],
-        status_key=names.status,
-        epoch=region.epoch,
-        resolver=region.resolver,
-        scanner=region.scanner,
-        tracer=region.tracer,
-    )
+    def __init__(self) -> None:
+        self.requested = False
+        self._scopes: dict[anyio.CancelScope, float] = {}
 
-    async def local_entries_lost(ids: list[bytes]) -> None:
-        await region.gaps.record(
-            region.name,
-            "local entries deleted before they were applied",
-            after=str(StreamId.parse(ids[0]).previous()),
-            upto=ids[-1].decode(),
+    def request(self) -> None:
+        self.requested = True
+        for scope, grace_s in list(self._scopes.items()):
+            _interrupt(scope, grace_s)
+
+    @contextmanager
+    def interruptible(self, grace_s: float = 0.0) -> Iterator[anyio.CancelScope]:
+        """A cancel scope the drain cancels, ``grace_s`` after it starts.
+
+        Wrap waits; wrap an effect only if doing it again after a restart is harmless (a batch to
+        a peer, which recognises a batch it already has), never a local apply or acknowledgement.
+        """
+        with anyio.CancelScope() as scope:
+            if self.requested:
+                _interrupt(scope, grace_s)
+            self._scopes[scope] = grace_s
+            try:
+                yield scope
+            finally:
+                self._scopes.pop(scope, None)
+
+    async def sleep(self, seconds: float) -> None:
+        with self.interruptible():
+            await anyio.sleep(seconds)
+
+
+def _interrupt(scope: anyio.CancelScope, grace_s: float) -> None:
+    if grace_s <= 0:
+        scope.cancel()
+    else:
+        scope.deadline = min(scope.deadline, anyio.current_time() + grace_s)
+
+
+def backoff_seconds(failures: int, *, base_ms: int = 50, cap_ms: int = 5000) -> float:
+    """Full-jitter exponential backoff: a random wait up to ``base * 2**failures``, capped."""
+    return random.uniform(0, min(cap_ms, base_ms * 2 ** min(failures, 20))) / 1000
+
+
+class Stage:
+    """One pipeline stage: a reader, a handler, and what to do between batches."""
+
+    def __init__(
+        self,
+        name: str,
+        reader: GroupReader,
+        handle: Handler,
+        *,
+        drain: Drain,
+        on_error: Callable[[Exception], None],
+        idle: Callable[[], Awaitable[None]] | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        on_claimed: Callable[[int], None] | None = None,
+        on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
+        claim_interval_ms: int,
+        claim_idle_ms: int,
+        backoff_cap_ms: int,
+    ) -> None:
+        self.name = name
+        self.reader = reader
+        self.handle = handle
+        self.drain = drain
+        self.on_error = on_error
+        self.idle = idle
+        self.prepare = prepare
+        """Loads the handler's state from Redis before the first batch (retried like reads)."""
+        self.claim_interval_ms = claim_interval_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.backoff_cap_ms = backoff_cap_ms
+        self.on_claimed = on_claimed
+        """Told how many pending entries of other (dead) consumers were taken over."""
+        self.on_lost = on_lost
+        """Given the IDs of pending entries whose data was deleted before they were handled."""
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until drained. Reports ready once the group exists and start-up claims are done."""
+        started = await until_ok(
+            self._start,
+            self.drain,
+            name=self.name,
+            on_error=self.on_error,
+            backoff_cap_ms=self.backoff_cap_ms,
         )
+        task_status.started()
+        if not started:
+            return
+        next_claim = time.monotonic() + self.claim_interval_ms / 1000
+        failures = 0
+        interrupted = False
+        while not self.drain.requested:
+            try:
+                if time.monotonic() >= next_claim:
+                    await self._claim(self.claim_idle_ms)
+                    next_claim = time.monotonic() + self.claim_interval_ms / 1000
+                entries: list[Entry] = []
+                with self.drain.interruptible() as wait:
+                    entries = await self.reader.read()
+                interrupted = wait.cancelled_caught
+                if entries:
+                    await self.handle(entries)
+                elif self.idle is not None and not self.drain.requested:
+                    await self.idle()
+                failures = 0
+            except REDIS_ERRORS as exc:
+                failures += 1
+                self._failed(exc, failures)
+                self.reader.rewind()
+                await self.drain.sleep(backoff_seconds(failures, cap_ms=self.backoff_cap_ms))
+        if interrupted:
+            await self._finish_pending()
+        log.info("%s: drained", self.name)
 
-    pipeline.stages.append(_stage(region, "apply", local.reader, local, on_lost=local_entries_lost))
-    pipeline.status_sources.append(
-        StatusSource(region.statuses[region.name], local.record.window, region.local_clock.now_ms)
-    )
+    async def _finish_pending(self) -> None:
+        """Handle what a read cut short by the drain may have left in this consumer's pending list.
 
-    for peer in config.peers:
-        name = f"to:{peer.name}"
-        forwarder = Forwarder(
-            region=region.name,
-            peer=peer.name,
-            reader=_reader(region, names.local_stream, forward_group(peer.name), name),
-            local=region.local,
-            remote=region.peers[peer.name],
-            names=names,
-            epoch=region.epoch,
-            clock=region.local_clock,
-            metrics=region.metrics,
-            limits=config.limits,
-            mirror_max_len=config.streams.mirror_max_len,
-            heartbeat_interval_ms=config.gateway.heartbeat_interval_ms,
-            drain=region.drain,
-            tracer=region.tracer,
-        )
-        pipeline.forwarders[peer.name] = forwarder
-        pipeline.stages.append(
-            _stage(
-                region,
-                name,
-                forwarder.reader,
-                forwarder,
-                idle=forwarder.idle,
-                prepare=forwarder.load,
-                on_lost=forwarder.entries_lost,
+        Redis moves entries into the pending list when it sends them; if the drain cancelled the
+        read after that, they would wait for the next start. One pass over the pending list
+        (no blocking) handles them now, so a drained consumer leaves nothing pending.
+        """
+        self.reader.rewind()
+        try:
+            while entries := await self.reader.read():
+                await self.handle(entries)
+        except REDIS_ERRORS as exc:
+            self.on_error(exc)
+            log.warning("%s: pending entries left for the next start: %s", self.name, exc)
+
+    async def _start(self) -> None:
+        if self.prepare is not None:
+            await self.prepare()
+        if await self.reader.ensure_group():
+            log.info("%s: created consumer group %r", self.name, self.reader.group)
+        await self._claim(0)
+
+    async def _claim(self, min_idle_ms: int) -> None:
+        claimed, lost = await self.reader.claim(min_idle_ms)
+        if claimed:
+            log.info("%s: took over %d pending entries", self.name, claimed)
+            if self.on_claimed is not None:
+                self.on_claimed(claimed)
+        if lost:
+            log.warning(
+                "%s: %d pending entries were deleted before they were handled (%s … %s)",
+                self.name,
+                len(lost),
+                lost[0].decode(),
+                lost[-1].decode(),
             )
-        )
+            if self.on_lost is not None:
+                await self.on_lost(lost)
 
-        name = f"from:{peer.name}"
-        mirror = MirrorApplier(
-            region=region.name,
-            origin=peer.name,
-            reader=_reader(region, names.mirror(peer.name), APPLY_GROUP, name),
-            cache=region.cache,
-            dead_letters=region.dead_letters,
-            gaps=region.gaps,
-            metrics=region.metrics,
-            origin_clock=region.peer_clocks[peer.name],
-            local_clock=region.local_clock,
-            status=region.statuses[peer.name],
-            status_key=names.status,
-            resolver=region.resolver,
-            scanner=region.scanner,
-            tracer=region.tracer,
-        )
-        pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
-        pipeline.status_sources.append(
-            StatusSource(region.statuses[peer.name], mirror.record.window, mirror.origin_now_ms)
-        )
-    return pipeline
+    def _failed(self, exc: Exception, failures: int) -> None:
+        self.on_error(exc)
+        log_failure(self.name, exc, failures)
 
 
-def _reader(region: Region, stream: str, group: str, stage: str) -> GroupReader:
-    """A reader whose lost group is counted; on the local stream a lost group also means lost
-    history, hence a new epoch (the peers record the gap)."""
-    watch = EpochWatch(region.epoch) if stream == region.names.local_stream else None
-    recreated_counter = region.metrics.groups_recreated.labels(region.name, stage)
-
-    async def recreated() -> None:
-        recreated_counter.inc()
-        if watch is not None:
-            await watch.history_lost()
-
-    tuning = region.config.gateway
-    return GroupReader(
-        region.reads,
-        stream,
-        group,
-        region.config.consumer,
-        count=tuning.batch_size,
-        block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
-        on_recreated=recreated,
-        on_read=watch.read_ok if watch is not None else None,
-    )
+def log_failure(name: str, exc: Exception, failures: int) -> None:
+    """Warn on the first failure in a row and now and then after; the rest at DEBUG."""
+    level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
+    log.log(level, "%s: %s (attempt %d); retrying", name, exc or type(exc).__name__, failures)
 
 
-def _stage(
-    region: Region,
-    name: str,
-    reader: GroupReader,
-    handler: Handler,
+async def until_ok(
+    step: Callable[[], Awaitable[None]],
+    drain: Drain,
     *,
-    idle: Callable[[], Awaitable[None]] | None = None,
-    prepare: Callable[[], Awaitable[None]] | None = None,
-    on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
-) -> Stage:
-    tuning = region.config.gateway
-    return Stage(
-        name,
-        reader,
-        handler,
-        drain=region.drain,
-        on_error=region.counts_errors(name),
-        on_claimed=region.metrics.reclaimed.labels(region.name, name).inc,
-        idle=idle,
-        prepare=prepare,
-        on_lost=on_lost,
-        claim_interval_ms=tuning.claim_interval_ms,
-        claim_idle_ms=tuning.claim_idle_ms,
-        backoff_cap_ms=tuning.retry_backoff_cap_ms,
-    )
+    name: str,
+    on_error: Callable[[Exception], None],
+    backoff_cap_ms: int = 5000,
+) -> bool:
+    """Retry ``step`` on Redis errors with backoff until it succeeds (True) or a drain (False)."""
+    failures = 0
+    while not drain.requested:
+        try:
+            await step()
+        except REDIS_ERRORS as exc:
+            failures += 1
+            on_error(exc)
+            log_failure(name, exc, failures)
+            await drain.sleep(backoff_seconds(failures, cap_ms=backoff_cap_ms))
+        else:
+            return True
+    return False

@@ -3,7 +3,7 @@
 No I/O here and no dependency on the gateway: producers and tools can import it alone.
 """
 
-from proto.entry import (
+from invalgw.proto.entry import (
     CONTRACT_VERSION,
     Invalidation,
     InvalidEntry,
@@ -12,8 +12,8 @@ from proto.entry import (
     entry_fields,
     parse_entry,
 )
-from proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
-from proto.streamid import StreamId
+from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
+from invalgw.proto.streamid import StreamId
 
 __all__ = [
     "CONTRACT_VERSION",

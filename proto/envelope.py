@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
-from proto.entry import Invalidation
+from invalgw.proto.entry import Invalidation
 
 ENVELOPE_FIELD = b"d"
 """The mirror stream entry field that holds the encoded envelope."""

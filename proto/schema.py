@@ -1,11 +1,12 @@
 """JSON Schemas generated from the wire structs.
 
-``python -m proto.schema`` rewrites ``proto/schema/*.json``; a test checks that the committed
-files match the structs, so the published contract cannot drift from the code.
+``python -m invalgw.proto.schema`` rewrites ``proto/schema/*.json``; a test checks that the
+committed files match the structs, so the published contract cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ from typing import Any
 
 import msgspec
 
-from proto.entry import CONTRACT_VERSION, ProducerEntry
-from proto.envelope import Envelope
+from invalgw.proto.entry import CONTRACT_VERSION, ProducerEntry
+from invalgw.proto.envelope import Envelope
 
-SCHEMA_DIR = Path(__file__).parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 
 
 def schemas() -> dict[str, dict[str, Any]]:
@@ -29,7 +30,20 @@ def schemas() -> dict[str, dict[str, Any]]:
     )
     envelope = msgspec.json.schema(Envelope)
     envelope["title"] = "Mirror stream envelope (MessagePack in field 'd')"
-    return {"producer-entry.json": producer, "envelope.json": envelope}
+    return {"producer-entry.json": _tidy(producer), "envelope.json": _tidy(envelope)}
+
+
+def _tidy(node: Any) -> Any:
+    """Descriptions as :func:`inspect.cleandoc` gives them, whatever msgspec version made them
+    (0.23 keeps a docstring's indentation, 0.22 did not), so the committed files stay stable."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value) if key == "description" else _tidy(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_tidy(value) for value in node]
+    return node
 
 
 def render(schema: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 # Sourced by scripts/test and scripts/demo: a virtualenv with the project, and the system tools.
 # Safe to run again: it only installs what is missing.
-#   ensure_venv                       .venv with invalgw (editable) and its test tools
+#   ensure_venv                       .venv with the locked dependencies and invalgw (editable)
 #   ensure_tools [promtool]           redis-server (and promtool, for the tests), via apt or brew
 
 set -euo pipefail
@@ -16,15 +16,21 @@ ensure_venv() {
         echo "==> creating .venv"
         "$python" -m venv .venv
     fi
-    local stamp
-    stamp=.venv/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)
+    local lock=${INVALGW_LOCK:-requirements/lock.txt} stamp
+    stamp=.venv/.installed-$(cat "$lock" | cksum | cut -d' ' -f1)
     if [ ! -f "$stamp" ]; then
-        echo "==> installing invalgw and its test tools into .venv"
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+        echo "==> installing the locked dependencies ($lock) into .venv"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+            --require-hashes --no-deps -r "$lock"
         rm -f .venv/.installed-*
         touch "$stamp"
     fi
+    # The project itself, every time (a few seconds): a "strict" editable install links exactly
+    # the files the wheel would ship under the import name invalgw, so mypy and the tests see
+    # the package as users get it, and a module added since the last run is picked up.
+    rm -rf build/__editable__.*
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        --no-build-isolation --config-settings editable_mode=strict -e .
 }
 
 ensure_tools() {

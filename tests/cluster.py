@@ -13,7 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.localredis import RedisProcess, port_in_use
+from invalgw.dev.localredis import RedisProcess, port_in_use
 from tests.processes import die_with_parent
 
 

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio
 from opentelemetry.sdk.trace import TracerProvider
 
-from gateway.config import RegionConfig, parse_config, to_toml
-from gateway.connections import close
-from gateway.metrics import Metrics
-from gateway.service import Gateway
-from gateway.wanproxy import WanProxy
+from invalgw.config import RegionConfig, parse_config, to_toml
+from invalgw.connections import close
+from invalgw.dev.wanproxy import WanProxy
+from invalgw.metrics import Metrics
+from invalgw.service import Gateway
 from tests.processes import Processes
 from tests.servers import RedisServer, no_retry, redis_servers
 

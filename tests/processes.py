@@ -1,4 +1,4 @@
-"""The gateway as a separate process (``python -m gateway run --config FILE``), for tests that
+"""The gateway as a separate process (``python -m invalgw run --config FILE``), for tests that
 kill it, signal it, or need it to run on its own while the test process does something else.
 
 Each process logs to a file (never a pipe, which would fill and block it). Readiness is the log
@@ -21,8 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.config import RegionConfig
-from proto import entry_fields
+from invalgw.config import RegionConfig
+from invalgw.proto import entry_fields
 
 READY_TEXT = "running: "
 """Logged by the gateway when every stage has started (``gateway <region> running: …``)."""
@@ -36,7 +36,7 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
 
 
 class GatewayProcess:
-    """One ``python -m gateway run`` child process for one region."""
+    """One ``python -m invalgw run`` child process for one region."""
 
     def __init__(self, name: str, config: RegionConfig, workdir: Path) -> None:
         self.name = name

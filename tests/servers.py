@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.localredis import RedisProcess
+from invalgw.dev.localredis import RedisProcess
 from tests.processes import die_with_parent
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import RegionConfig
-from gateway.producer import Invalidator
+from invalgw.config import RegionConfig
+from invalgw.producer import Invalidator
 from tests.conftest import clients, running, wait_gone, wait_until
 
 pytestmark = pytest.mark.anyio

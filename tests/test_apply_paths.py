@@ -7,10 +7,10 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.cache import UNLINK_CHUNK
-from gateway.config import CacheEndpoint, RegionConfig
-from gateway.connections import close
-from gateway.producer import Invalidator
+from invalgw.cache import UNLINK_CHUNK
+from invalgw.config import CacheEndpoint, RegionConfig
+from invalgw.connections import close
+from invalgw.producer import Invalidator
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
 from tests.servers import RedisServer, no_retry
 

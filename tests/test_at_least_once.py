@@ -15,17 +15,17 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.clock import ServerClock
-from gateway.config import RegionConfig
-from gateway.epoch import Epoch
-from gateway.forwarder import Forwarder
-from gateway.groups import Entry, GroupReader
-from gateway.housekeeping import trim_stream
-from gateway.metrics import Metrics
-from gateway.names import APPLY_GROUP, Names, forward_group
-from gateway.tracing import InvalidationTracer
-from gateway.worker import Drain
-from proto import Batch, Limits, StreamId, decode_envelope, entry_fields
+from invalgw.clock import ServerClock
+from invalgw.config import RegionConfig
+from invalgw.epoch import Epoch
+from invalgw.forward import Forwarder
+from invalgw.housekeeping import trim_stream
+from invalgw.metrics import Metrics
+from invalgw.names import APPLY_GROUP, Names, forward_group
+from invalgw.proto import Batch, Limits, StreamId, decode_envelope, entry_fields
+from invalgw.read import Entry, GroupReader
+from invalgw.stages import Drain
+from invalgw.tracing import InvalidationTracer
 from tests.conftest import (
     REGIONS,
     clients,

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.benchload import keys_of
-from gateway.benchrig import REGIONS, region_toml
-from gateway.benchstats import (
+from invalgw.config import parse_config
+from invalgw.dev.benchload import keys_of
+from invalgw.dev.benchrig import REGIONS, region_toml
+from invalgw.dev.benchstats import (
     Latency,
     Machine,
     Percentiles,
@@ -33,7 +34,6 @@ from gateway.benchstats import (
     render,
     summarise,
 )
-from gateway.config import parse_config
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -155,7 +155,7 @@ def test_keys_follow_debug_populate_names() -> None:
 
 def _bench(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "bench", *args],
+        [sys.executable, "-m", "invalgw", "bench", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

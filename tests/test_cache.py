@@ -9,11 +9,11 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.cache import Cache
-from gateway.connections import REDIS_ERRORS, close
-from gateway.effects import Plan
-from gateway.fence import fence_key, fill, is_fence_key
-from gateway.localredis import RedisProcess
+from invalgw.cache import Cache
+from invalgw.connections import REDIS_ERRORS, close
+from invalgw.dev.localredis import RedisProcess
+from invalgw.effects import Plan
+from invalgw.fence import fence_key, fill, is_fence_key
 from tests.cluster import cluster_port, redis_cluster
 from tests.processes import die_with_parent
 from tests.servers import RedisServer, no_retry
@@ -272,7 +272,7 @@ def test_the_blocking_fill_helper_obeys_the_fence(
     """fill_sync, for services without asyncio, refuses and admits like fill."""
     import redis
 
-    from gateway.fence import fill_sync
+    from invalgw.fence import fill_sync
 
     client = redis.Redis.from_url(
         session_servers[0].url,

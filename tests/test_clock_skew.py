@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import AsyncRedis, connect
-from gateway.service import Gateway
+from invalgw.config import RedisEndpoint, RegionConfig
+from invalgw.connections import AsyncRedis, connect
+from invalgw.service import Gateway
 from tests.conftest import clients, running, wait_gone, wait_until
 
 pytestmark = pytest.mark.anyio

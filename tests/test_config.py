@@ -13,8 +13,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from gateway.cli import main
-from gateway.config import (
+from invalgw.cli import main
+from invalgw.config import (
     Metrics,
     RedisEndpoint,
     RegionConfig,
@@ -24,10 +24,10 @@ from gateway.config import (
     parse_config,
     redact,
 )
-from gateway.connections import connect, connect_sync
-from gateway.errors import ConfigError
-from gateway.localredis import free_port
-from proto import Limits, parse_entry
+from invalgw.connections import connect, connect_sync
+from invalgw.dev.localredis import free_port
+from invalgw.errors import ConfigError
+from invalgw.proto import Limits, parse_entry
 from tests.conftest import REGIONS, make_configs, write_config
 from tests.processes import die_with_parent
 from tests.servers import RedisServer
@@ -669,8 +669,8 @@ def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from gateway.config import to_toml
-    from gateway.localredis import RedisProcess
+    from invalgw.config import to_toml
+    from invalgw.dev.localredis import RedisProcess
 
     server = RedisProcess(preexec=die_with_parent).start()
     try:
@@ -684,7 +684,7 @@ def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
             path = tmp_path / "us-east.toml"
             path.write_text(to_toml(config))
             result = subprocess.run(
-                [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+                [sys.executable, "-m", "invalgw", "run", "--config", str(path)],
                 capture_output=True,
                 text=True,
                 timeout=30,

@@ -10,8 +10,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from gateway.config import RedisEndpoint
-from gateway.connections import close, connect, connect_sync
+from invalgw.config import RedisEndpoint
+from invalgw.connections import close, connect, connect_sync
 from tests.servers import docker_available, redis_servers
 
 pytestmark = pytest.mark.anyio

@@ -19,8 +19,16 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.names import APPLY_GROUP, Names
-from proto import Batch, Heartbeat, InvalidEntry, Limits, encode_envelope, entry_fields, parse_entry
+from invalgw.names import APPLY_GROUP, Names
+from invalgw.proto import (
+    Batch,
+    Heartbeat,
+    InvalidEntry,
+    Limits,
+    encode_envelope,
+    entry_fields,
+    parse_entry,
+)
 from tests.conftest import (
     REGIONS,
     clients,

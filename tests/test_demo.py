@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from gateway.config import load_config
-from gateway.localmesh import load_mesh
+from invalgw.cli import main
+from invalgw.config import load_config
+from invalgw.dev.localmesh import load_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONS = ("us-east", "eu-west", "ap-south")

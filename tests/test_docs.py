@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.config import (
+from invalgw.config import (
     CacheEndpoint,
     Metrics,
     Peer,
@@ -26,8 +26,8 @@ from gateway.config import (
     Tuning,
     parse_config,
 )
-from gateway.policy import Policy, Rule
-from proto import Batch, Heartbeat, InvalidEntry, Limits, ProducerEntry, parse_entry
+from invalgw.policy import Policy, Rule
+from invalgw.proto import Batch, Heartbeat, InvalidEntry, Limits, ProducerEntry, parse_entry
 
 REPO = Path(__file__).parent.parent
 CONFIGURATION = (REPO / "docs" / "configuration.md").read_text()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.entry import Invalidation, InvalidEntry, Limits, _parse_any, parse_entry
+from invalgw.proto.entry import Invalidation, InvalidEntry, Limits, _parse_any, parse_entry
 
 LIMITS = Limits(max_keys=3, max_key_bytes=10, max_field_bytes=40)
 NAMES = st.sampled_from([b"v", b"op", b"keys", b"sep", b"traceparent", b"source", b"x"])

@@ -10,12 +10,12 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.config import CacheEndpoint
-from gateway.lag import status_decoder
-from gateway.localredis import RedisProcess
-from gateway.names import Names
-from gateway.service import Gateway
-from proto import entry_fields
+from invalgw.config import CacheEndpoint
+from invalgw.dev.localredis import RedisProcess
+from invalgw.lag import status_decoder
+from invalgw.names import Names
+from invalgw.proto import entry_fields
+from invalgw.service import Gateway
 from tests.conftest import (
     REGIONS,
     clients,

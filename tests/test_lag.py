@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.lag import LagWindow, lag_counts
+from invalgw.lag import LagWindow, lag_counts
 
 
 def test_lag_counts_group_invalidations_by_origin_millisecond() -> None:

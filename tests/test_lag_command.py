@@ -9,15 +9,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from gateway.config import RegionConfig
-from gateway.producer import Invalidator
+from invalgw.config import RegionConfig
+from invalgw.producer import Invalidator
 from tests.conftest import clients, running, wait_gone, wait_until, write_config
 
 pytestmark = pytest.mark.anyio
 
 
 async def lag_json(paths: list[Path]) -> dict[str, object]:
-    argv = [sys.executable, "-m", "gateway", "lag", "--json"]
+    argv = [sys.executable, "-m", "invalgw", "lag", "--json"]
     for path in paths:
         argv += ["--config", str(path)]
     result = await anyio.run_process(argv, check=False)

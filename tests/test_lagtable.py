@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from gateway.config import RegionConfig
-from gateway.lagtable import (
+from invalgw.config import RegionConfig
+from invalgw.ops.lagtable import (
     LagCollector,
     LinkRow,
     RegionRow,
@@ -16,7 +16,7 @@ from gateway.lagtable import (
     render_json,
     render_text,
 )
-from gateway.producer import Invalidator
+from invalgw.producer import Invalidator
 from tests.conftest import REGIONS, clients, running, wait_until
 
 

@@ -6,11 +6,11 @@ import anyio
 import msgspec
 import pytest
 
-from gateway.config import RegionConfig
-from gateway.metrics import Metrics
-from gateway.names import Names
-from gateway.producer import Invalidator
-from gateway.service import Gateway
+from invalgw.config import RegionConfig
+from invalgw.metrics import Metrics
+from invalgw.names import Names
+from invalgw.producer import Invalidator
+from invalgw.service import Gateway
 from tests.conftest import clients, metric, running, wait_gone, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from gateway.metrics import LAG_BUCKETS, BatchHistogram
+from invalgw.metrics import LAG_BUCKETS, BatchHistogram
 
 VALUES = [0.0, 0.0004, 0.001, 0.0010001, 0.02, 0.02, 1.0, 59.9, 3600.0, 7200.0]
 

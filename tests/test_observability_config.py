@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.config import RegionConfig
-from gateway.metrics import Metrics
-from gateway.probe import ProbeMetrics
+from invalgw.config import RegionConfig
+from invalgw.metrics import Metrics
+from invalgw.ops.probe import ProbeMetrics
 from tests.conftest import running
 
 COMPOSE = Path(__file__).parent.parent / "compose"
@@ -65,7 +65,7 @@ def test_compose_file_follows_the_compose_spec() -> None:
 
 
 def test_compose_region_files_are_valid_configs() -> None:
-    from gateway.config import load_config
+    from invalgw.config import load_config
 
     for path in sorted((COMPOSE / "regions").glob("*.toml")):
         config = load_config(path)
@@ -129,7 +129,7 @@ async def test_metrics_endpoint_passes_promtool(
     import anyio
     import msgspec
 
-    from gateway.localredis import free_port
+    from invalgw.dev.localredis import free_port
 
     port = free_port()
     with_metrics = {

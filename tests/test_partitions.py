@@ -16,10 +16,10 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.config import RegionConfig
-from gateway.producer import Invalidator
-from gateway.service import Gateway
-from gateway.wanproxy import WanProxy
+from invalgw.config import RegionConfig
+from invalgw.dev.wanproxy import WanProxy
+from invalgw.producer import Invalidator
+from invalgw.service import Gateway
 from tests.conftest import (
     REGIONS,
     clients,

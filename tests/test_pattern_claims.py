@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import RegionConfig
+from invalgw.config import RegionConfig
 from tests.conftest import clients, make_configs, metric, running, wait_until
 from tests.servers import RedisServer
 

@@ -20,12 +20,12 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.config import CacheEndpoint, RegionConfig
-from gateway.connections import close
-from gateway.localredis import RedisProcess
-from gateway.names import Names
-from gateway.service import Gateway
-from proto import entry_fields
+from invalgw.config import CacheEndpoint, RegionConfig
+from invalgw.connections import close
+from invalgw.dev.localredis import RedisProcess
+from invalgw.names import Names
+from invalgw.proto import entry_fields
+from invalgw.service import Gateway
 from tests.cluster import redis_cluster
 from tests.conftest import REGIONS, clients, make_configs, metric, running, wait_until
 from tests.processes import Processes

@@ -18,12 +18,12 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from gateway.config import RegionConfig
-from gateway.fence import fence_key, fill
-from gateway.names import Names
-from gateway.policy import Policy, Rule
-from gateway.service import Gateway
-from proto import entry_fields
+from invalgw.config import RegionConfig
+from invalgw.fence import fence_key, fill
+from invalgw.names import Names
+from invalgw.policy import Policy, Rule
+from invalgw.proto import entry_fields
+from invalgw.service import Gateway
 from tests.conftest import (
     REGIONS,
     clients,

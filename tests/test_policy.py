@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway.policy import Policy, Resolver, Rule, literal_prefix
+from invalgw.policy import Policy, Resolver, Rule, literal_prefix
 
 REGIONS = ["ap-south", "eu-west", "us-east"]
 POLICY = Policy(

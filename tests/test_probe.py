@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.config import RegionConfig
-from gateway.probe import Prober, ProbeResult, SloWindow, format_duration, format_percent
+from invalgw.config import RegionConfig
+from invalgw.ops.probe import Prober, ProbeResult, SloWindow, format_duration, format_percent
 from tests.conftest import running
 
 
@@ -82,7 +82,7 @@ async def test_probe_watches_each_region_s_cache_not_its_stream_redis(
     """A region whose cache is another Redis (here: another database) is probed there."""
     import msgspec
 
-    from gateway.config import CacheEndpoint
+    from invalgw.config import CacheEndpoint
 
     separate = {
         name: msgspec.structs.replace(

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proto import (
+from invalgw.proto import (
     Batch,
     Heartbeat,
     Invalidation,
@@ -24,8 +24,8 @@ from proto import (
     entry_fields,
     parse_entry,
 )
-from proto.envelope import ENVELOPE_FIELD
-from proto.schema import SCHEMA_DIR, render, schemas
+from invalgw.proto.envelope import ENVELOPE_FIELD
+from invalgw.proto.schema import SCHEMA_DIR, render, schemas
 
 LIMITS = Limits()
 
@@ -467,7 +467,7 @@ def test_stream_id_refuses_anything_else(text: str | bytes) -> None:
 
 @pytest.mark.parametrize("name", sorted(schemas()))
 def test_committed_schema_matches_the_structs(name: str) -> None:
-    """If this fails, the wire structs changed: run ``python -m proto.schema`` and review."""
+    """If this fails, the wire structs changed: run ``python -m invalgw.proto.schema``, review."""
     committed = (SCHEMA_DIR / name).read_text()
     assert committed == render(schemas()[name]), f"proto/schema/{name} is out of date"
 

@@ -11,12 +11,12 @@ import pytest
 import redis
 import redis.asyncio
 
-from gateway.config import RegionConfig
-from gateway.connections import close
-from gateway.groups import GroupReader
-from gateway.metrics import Metrics
-from gateway.service import Gateway
-from proto import entry_fields
+from invalgw.config import RegionConfig
+from invalgw.connections import close
+from invalgw.metrics import Metrics
+from invalgw.proto import entry_fields
+from invalgw.read import GroupReader
+from invalgw.service import Gateway
 from tests.conftest import REGIONS, make_configs, metric
 from tests.processes import Processes, groups, sync_client, wait_for, write_burst
 from tests.servers import RedisServer
@@ -83,7 +83,7 @@ def test_second_signal_exits_at_once(
 @pytest.mark.e2e
 def test_signal_during_start_up_exits_0(namespace: str, processes: Processes) -> None:
     """A gateway whose Redis cannot be reached yet still stops cleanly when asked to."""
-    from gateway.localredis import free_port
+    from invalgw.dev.localredis import free_port
 
     urls = {region: f"redis://127.0.0.1:{free_port()}/0" for region in REGIONS}
     gateway = processes.add("us-east", make_configs(urls, namespace)["us-east"]).start()
@@ -95,7 +95,7 @@ def test_signal_during_start_up_exits_0(namespace: str, processes: Processes) ->
 @pytest.mark.anyio
 async def test_drain_during_start_up_returns_cleanly(namespace: str) -> None:
     """``Gateway.run`` started in a task group and drained before it could connect."""
-    from gateway.localredis import free_port
+    from invalgw.dev.localredis import free_port
 
     urls = {region: f"redis://127.0.0.1:{free_port()}/0" for region in REGIONS}
     gateway = Gateway(make_configs(urls, namespace)["us-east"], metrics=Metrics("us-east"))

@@ -9,9 +9,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.config import RegionConfig
-from gateway.producer import Invalidator
-from gateway.tracing import sampled
+from invalgw.config import RegionConfig
+from invalgw.producer import Invalidator
+from invalgw.tracing import sampled
 from tests.conftest import clients, running, wait_gone, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -20,9 +20,9 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.connections import close
-from gateway.localredis import free_port
-from gateway.wanproxy import CHUNK_BYTES, QUEUE_CHUNKS, WanProxy, send_command
+from invalgw.connections import close
+from invalgw.dev.localredis import free_port
+from invalgw.dev.wanproxy import CHUNK_BYTES, QUEUE_CHUNKS, WanProxy, send_command
 from tests.conftest import proxied, via, wait_until
 from tests.servers import RedisServer
 
@@ -267,7 +267,7 @@ async def test_cli_proxy_obeys_its_control_port_and_stops_on_sigterm(redis_url: 
         assert await round_trip(client) >= 0.04
 
         async def ctl(*words: str) -> subprocess.CompletedProcess[bytes]:
-            argv = [sys.executable, "-m", "gateway", "wan-proxy-ctl"]
+            argv = [sys.executable, "-m", "invalgw", "wan-proxy-ctl"]
             return await anyio.run_process(
                 [*argv, f"--control=127.0.0.1:{control}", *words], check=False
             )

@@ -14,9 +14,9 @@ from typing import Any
 
 import anyio
 
-from gateway.config import RegionConfig, load_config
-from gateway.lagtable import LagCollector, Snapshot, render_json, render_text
-from gateway.terminal import Screen
+from invalgw.config import RegionConfig, load_config
+from invalgw.ops.lagtable import LagCollector, Snapshot, render_json, render_text
+from invalgw.ops.terminal import Screen
 
 
 def add_parser(commands: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from gateway.errors import RedisNotInstalled
+from invalgw.dev.errors import RedisNotInstalled
 
 INSTALL_HINT = (
     "redis-server was not found on PATH. Install Redis first: "

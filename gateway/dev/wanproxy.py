@@ -37,7 +37,7 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from gateway.errors import GatewayError
+from invalgw.errors import GatewayError
 
 log = logging.getLogger(__name__)
 

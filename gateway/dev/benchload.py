@@ -3,10 +3,10 @@
 Invalidation ``i`` of a run removes the keys ``<prefix>:<2i>`` and ``<prefix>:<2i+1>``, the names
 ``DEBUG POPULATE`` gives. The producers speak RESP over a plain socket with pre-encoded commands,
 so the load generator spends as little of the machine's CPU as it can; what they write is exactly
-the producer contract (:func:`proto.entry_fields`).
+the producer contract (:func:`invalgw.proto.entry_fields`).
 
 "Gone" is observed from outside the system under test: :func:`wait_gone` polls EXISTS, and the
-subscriber (``python -m gateway.benchload subscribe``, one process per region) timestamps every
+subscriber (``python -m invalgw.dev.benchload subscribe``, one process per region) timestamps every
 ``del`` keyspace event on this host's monotonic clock, the clock the producer stamps sends with.
 """
 
@@ -24,7 +24,7 @@ import hiredis
 import msgspec
 import redis
 
-from proto import entry_fields
+from invalgw.proto import entry_fields
 
 DEL_EVENTS = "__keyevent@0__:del"
 """Channel of ``del`` events in db 0 (``notify-keyspace-events Eg``); UNLINK fires them too."""
@@ -231,7 +231,7 @@ def read_gone(path: Path) -> dict[int, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.benchload")
+    parser = argparse.ArgumentParser(prog="python -m invalgw.dev.benchload")
     commands = parser.add_subparsers(required=True)
     sub = commands.add_parser("subscribe", help="record del events of one region (bench use)")
     sub.add_argument("--port", type=int, required=True)

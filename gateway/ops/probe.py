@@ -24,10 +24,10 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.config import RegionConfig, load_config
-from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect, connect_cache
-from gateway.metrics import LAG_BUCKETS
-from gateway.producer import Invalidator
+from invalgw.config import RegionConfig, load_config
+from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect, connect_cache
+from invalgw.metrics import LAG_BUCKETS
+from invalgw.producer import Invalidator
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from typing import Any
 import msgspec
 import redis
 
-from gateway.applier import parse_batch
-from gateway.clock import ServerClock
-from gateway.connections import AsyncRedis
-from gateway.epoch import Epoch
-from gateway.groups import Entry, GroupReader
-from gateway.metrics import Metrics
-from gateway.names import Names
-from gateway.tracing import InvalidationTracer
-from gateway.worker import Drain
-from proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
-from proto.envelope import Envelope
+from invalgw.apply import parse_batch
+from invalgw.clock import ServerClock
+from invalgw.connections import AsyncRedis
+from invalgw.epoch import Epoch
+from invalgw.metrics import Metrics
+from invalgw.names import Names
+from invalgw.proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
+from invalgw.proto.envelope import Envelope
+from invalgw.read import Entry, GroupReader
+from invalgw.stages import Drain
+from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``invalgw demo``: every region of ``regions/`` on this machine, with traffic and a lag table.
 
 In order: read the region files; start one ``redis-server`` per region on the port its file names;
-start one gateway per region as a process of its own (``python -m gateway run --config …``),
+start one gateway per region as a process of its own (``python -m invalgw run --config …``),
 logging into the demo directory (``.demo/``); play every region's services (cache keys in every
 region, then invalidate them in their home region with the producer helper); redraw the lag
 table every second. Ctrl-C, SIGTERM or ``--duration`` stop it all: the traffic, then the gateways
@@ -11,6 +11,7 @@ table every second. Ctrl-C, SIGTERM or ``--duration`` stop it all: the traffic, 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import shutil
 import signal
@@ -27,15 +28,16 @@ import anyio
 import anyio.abc
 import redis
 
-from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
-from gateway.errors import ConfigError, DemoFailed, GatewayError
-from gateway.lag import status_decoder
-from gateway.lagtable import STYLES, Column, LagCollector, Snapshot, render_json, render_text
-from gateway.localmesh import LocalRegion, check_ports, load_mesh
-from gateway.localredis import RedisProcess, find_redis_server
-from gateway.names import APPLY_GROUP, forward_group
-from gateway.producer import Invalidator
-from gateway.terminal import Screen, keys_pressed
+from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect
+from invalgw.dev.errors import DemoFailed
+from invalgw.dev.localmesh import LocalRegion, check_ports, load_mesh
+from invalgw.dev.localredis import RedisProcess, find_redis_server
+from invalgw.errors import ConfigError, GatewayError
+from invalgw.lag import status_decoder
+from invalgw.names import APPLY_GROUP, forward_group
+from invalgw.ops.lagtable import STYLES, Column, LagCollector, Snapshot, render_json, render_text
+from invalgw.ops.terminal import Screen, keys_pressed
+from invalgw.producer import Invalidator
 
 DEFAULT_RATE = 300
 DEFAULT_WORKDIR = ".demo"
@@ -60,7 +62,10 @@ def add_parser(commands: Any) -> None:
         ),
     )
     parser.add_argument(
-        "--regions", default="regions", metavar="DIR", help="region files (default: ./regions)"
+        "--regions",
+        metavar="DIR",
+        help="region files (default: ./regions if there is one, else the sample regions that "
+        "ship with invalgw)",
     )
     parser.add_argument(
         "--rate",
@@ -129,9 +134,19 @@ def _port(text: str) -> int:
     return value
 
 
+def regions_dir(given: str | None) -> Path:
+    """The region files to run: ``given``, else ./regions, else the samples in the package."""
+    if given is not None:
+        return Path(given)
+    if Path("regions").is_dir():
+        return Path("regions")
+    return Path(str(importlib.resources.files("invalgw.regions")))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
-    mesh = load_mesh(Path(args.regions), port_base=args.port_base, workdir=workdir)
+    args.regions = regions_dir(args.regions)
+    mesh = load_mesh(args.regions, port_base=args.port_base, workdir=workdir)
     names = [region.name for region in mesh]
     if args.kill_region is not None and args.kill_region not in names:
         raise ConfigError(
@@ -286,7 +301,7 @@ class Demo:
 
     async def _start_gateway(self, member: Member) -> None:
         config = str(member.region.config_path)
-        command = [sys.executable, "-m", "gateway", "run", "--config", config]
+        command = [sys.executable, "-m", "invalgw", "run", "--config", config]
         seconds, micros = await self.clients[member.name].time()
         member.started_ms = seconds * 1000 + micros / 1000
         # shielded: a Ctrl-C must not leave a process running that the demo does not know of

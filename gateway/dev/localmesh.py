@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from gateway.config import RegionConfig, load_config, to_toml
-from gateway.errors import ConfigError, PortInUse
-from gateway.localredis import port_in_use
-from gateway.names import Names
+from invalgw.config import RegionConfig, load_config, to_toml
+from invalgw.dev.errors import PortInUse
+from invalgw.dev.localredis import port_in_use
+from invalgw.errors import ConfigError
+from invalgw.names import Names
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 

@@ -1,8 +1,8 @@
 """The local three-region set-up ``invalgw bench`` runs on, and its clean-up.
 
 Three ``redis-server`` processes on free ports, one region config file each, and the system under
-test as separate OS processes: three gateways (``python -m gateway run``) or three naive
-forwarders (:mod:`gateway.naive`). Every child runs in its own session, so a Ctrl-C reaches only
+test as separate OS processes: three gateways (``python -m invalgw run``) or three naive
+forwarders (:mod:`invalgw.dev.naive`). Every child runs in its own session, so a Ctrl-C reaches only
 the bench, which then stops each child it started (SIGTERM, then SIGKILL) and each server.
 """
 
@@ -26,8 +26,8 @@ from typing import IO
 
 import redis
 
-from gateway.localredis import RedisProcess, find_redis_server
-from gateway.names import APPLY_GROUP, Names, forward_group
+from invalgw.dev.localredis import RedisProcess, find_redis_server
+from invalgw.names import APPLY_GROUP, Names, forward_group
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Rig:
             argv = [sys.executable]
             if profile_dir is not None:
                 argv += ["-m", "cProfile", "-o", str(profile_dir / f"gateway-{region}.pstats")]
-            argv += ["-m", "gateway", "--log-level", "warning", "run"]
+            argv += ["-m", "invalgw", "--log-level", "warning", "run"]
             argv += ["--config", str(self.config_path(region))]
             children.append(self.spawn(f"gateway-{region}", argv))
         self._wait_ready(children, self._gateway_ready)
@@ -257,7 +257,13 @@ class Rig:
         children = [
             self.spawn(
                 f"naive-{region}",
-                [sys.executable, "-m", "gateway.naive", "--config", str(self.config_path(region))],
+                [
+                    sys.executable,
+                    "-m",
+                    "invalgw.dev.naive",
+                    "--config",
+                    str(self.config_path(region)),
+                ],
                 stdout_pipe=True,
             )
             for region in REGIONS
@@ -271,7 +277,7 @@ class Rig:
         started = {}
         for region in REGIONS:
             out = self.workdir / f"gone-{prefix}-{region}.msgpack"
-            argv = [sys.executable, "-m", "gateway.benchload", "subscribe"]
+            argv = [sys.executable, "-m", "invalgw.dev.benchload", "subscribe"]
             argv += ["--port", str(self.port(region)), "--prefix", prefix, "--out", str(out)]
             child = self.spawn(f"subscriber-{region}", argv, stdout_pipe=True)
             started[region] = (child, out)

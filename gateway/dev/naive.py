@@ -6,7 +6,7 @@ and round trip. It is at-least-once (XACK after the effects), does no batching, 
 dedup, no gap checks and no validation beyond splitting ``keys``, so it is the cheapest honest
 per-event design: the yardstick the batching gateway is measured against.
 
-Run one per region: ``python -m gateway.naive --config regions/us-east.toml``; SIGTERM stops it.
+Run one per region: ``python -m invalgw.dev.naive --config regions/us-east.toml``; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from gateway.config import RedisEndpoint, load_config
-from gateway.connections import connect_sync
+from invalgw.config import RedisEndpoint, load_config
+from invalgw.connections import connect_sync
 
 GROUP = "naive"
 BLOCK_MS = 1000
@@ -81,7 +81,7 @@ def forward(config_path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.naive",
+        prog="python -m invalgw.dev.naive",
         description="Baseline for invalgw bench: a per-event forwarder with no batching.",
     )
     parser.add_argument("--config", required=True, metavar="FILE")

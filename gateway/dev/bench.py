@@ -2,7 +2,7 @@
 
 It starts three regions on this host (three ``redis-server`` processes on free ports) and runs
 each system under test as three OS processes, one per region: first the gateways, then the naive
-per-event forwarder (:mod:`gateway.naive`, the baseline). For each it measures, with every
+per-event forwarder (:mod:`invalgw.dev.naive`, the baseline). For each it measures, with every
 invalidation removing two keys and produced into the origin region (us-east):
 
 - **latency**: a paced producer offers ``--rate`` invalidations per second for ``--duration``
@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.benchload import (
+from invalgw.dev.benchload import (
     DEL_EVENTS,
     STOP,
     count_left,
@@ -41,8 +41,15 @@ from gateway.benchload import (
     wait_gone,
     xadd_commands,
 )
-from gateway.benchrig import REGIONS, STREAM, Child, Rig, interrupt_on_sigterm, redis_server_version
-from gateway.benchstats import (
+from invalgw.dev.benchrig import (
+    REGIONS,
+    STREAM,
+    Child,
+    Rig,
+    interrupt_on_sigterm,
+    redis_server_version,
+)
+from invalgw.dev.benchstats import (
     GATEWAY,
     NAIVE,
     Latency,

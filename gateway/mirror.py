@@ -14,20 +14,20 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from gateway.applier import AppliedRecord, apply_and_ack
-from gateway.cache import Cache
-from gateway.clock import ServerClock
-from gateway.deadletter import DeadLetter, DeadLetters
-from gateway.effects import plan_batch
-from gateway.gaps import Gaps
-from gateway.groups import Entry, GroupReader
-from gateway.lag import LinkStatus
-from gateway.metrics import Metrics
-from gateway.policy import Resolver
-from gateway.scanner import ScanJob, Scanner
-from gateway.tracing import InvalidationTracer
-from proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
-from proto.envelope import ENVELOPE_FIELD
+from invalgw.apply import AppliedRecord, apply_and_ack
+from invalgw.cache import Cache
+from invalgw.clock import ServerClock
+from invalgw.deadletter import DeadLetter, DeadLetters
+from invalgw.effects import plan_batch
+from invalgw.gaps import Gaps
+from invalgw.lag import LinkStatus
+from invalgw.metrics import Metrics
+from invalgw.policy import Resolver
+from invalgw.proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
+from invalgw.proto.envelope import ENVELOPE_FIELD
+from invalgw.read import Entry, GroupReader
+from invalgw.scanner import ScanJob, Scanner
+from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
 

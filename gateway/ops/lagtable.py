@@ -20,10 +20,10 @@ import anyio
 import msgspec
 import redis
 
-from gateway.config import RedisEndpoint, RegionConfig
-from gateway.connections import REDIS_ERRORS, AsyncRedis, close, connect
-from gateway.lag import LinkStatus, status_decoder
-from gateway.names import APPLY_GROUP, Names, forward_group
+from invalgw.config import RedisEndpoint, RegionConfig
+from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect
+from invalgw.lag import LinkStatus, status_decoder
+from invalgw.names import APPLY_GROUP, Names, forward_group
 
 STALE_MS = 3000.0
 """A region whose gateway has not written its status for this long is not running."""

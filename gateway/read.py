@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from gateway.connections import AsyncRedis
+from invalgw.connections import AsyncRedis
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,19 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
-from gateway.cache import UNLINK_CHUNK, Cache
-from gateway.clock import ServerClock
-from gateway.deadletter import DeadLetter, DeadLetters
-from gateway.effects import Plan, plan_batch
-from gateway.epoch import Epoch
-from gateway.gaps import Gaps
-from gateway.groups import Entry, GroupReader
-from gateway.lag import LagWindow, LinkStatus, ack_with_status, lag_counts
-from gateway.metrics import Metrics
-from gateway.policy import Resolver
-from gateway.scanner import ScanJob, Scanner
-from gateway.tracing import InvalidationTracer
-from proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
+from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
+from invalgw.clock import ServerClock
+from invalgw.deadletter import DeadLetter, DeadLetters
+from invalgw.effects import Plan, plan_batch
+from invalgw.epoch import Epoch
+from invalgw.gaps import Gaps
+from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
+from invalgw.metrics import Metrics
+from invalgw.policy import Resolver
+from invalgw.proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
+from invalgw.read import Entry, GroupReader
+from invalgw.scanner import ScanJob, Scanner
+from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +174,29 @@ class LocalApplier:
             self.cache, self.reader, acked, plan, self.status_key, self.status
         )
         self.record(valid, removed, started_ns, self.clock.now_ms())
+
+
+async def ack_with_status(
+    reader: GroupReader,
+    ids: Sequence[bytes],
+    status_key: str,
+    status: LinkStatus,
+    *,
+    unlink: Sequence[str] = (),
+) -> int:
+    """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
+
+    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
+    and its acknowledgement take one round trip and land together or not at all. Returns how
+    many of them existed. Keep them few: the transaction holds the Redis while it runs.
+
+    ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
+    of the cache end, and its status is saved now.
+    """
+    async with reader.client.pipeline(transaction=True) as pipe:
+        unlinks = queue_unlink(pipe, unlink)
+        if ids:
+            pipe.xack(reader.stream, reader.group, *ids)
+        pipe.hset(status_key, status.origin, status_encoder.encode(status))
+        results = await pipe.execute()
+    return sum(results[:unlinks])

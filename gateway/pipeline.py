@@ -1,0 +1,169 @@
+"""The pipeline stages of one region, each with its own consumer group (own cursor, own backlog):
+
+- ``apply``: the local stream → this region's cache, at once;
+- ``to:<peer>``: the local stream → the peer's mirror stream, one per peer;
+- ``from:<peer>``: the mirror stream from a peer → this region's cache, one per peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from invalgw.apply import LocalApplier
+from invalgw.epoch import EpochWatch
+from invalgw.forward import Forwarder
+from invalgw.lag import StatusSource
+from invalgw.mirror import MirrorApplier
+from invalgw.names import APPLY_GROUP, forward_group
+from invalgw.proto import StreamId
+from invalgw.read import GroupReader
+from invalgw.region import Region
+from invalgw.stages import Handler, Stage
+
+
+@dataclass
+class Pipeline:
+    stages: list[Stage] = field(default_factory=list)
+    forwarders: dict[str, Forwarder] = field(default_factory=dict)
+    status_sources: list[StatusSource] = field(default_factory=list)
+
+
+def build_pipeline(region: Region) -> Pipeline:
+    pipeline = Pipeline()
+    config, names = region.config, region.names
+
+    local = LocalApplier(
+        region=region.name,
+        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply"),
+        cache=region.cache,
+        dead_letters=region.dead_letters,
+        gaps=region.gaps,
+        limits=config.limits,
+        metrics=region.metrics,
+        clock=region.local_clock,
+        status=region.statuses[region.name],
+        status_key=names.status,
+        epoch=region.epoch,
+        resolver=region.resolver,
+        scanner=region.scanner,
+        tracer=region.tracer,
+    )
+
+    async def local_entries_lost(ids: list[bytes]) -> None:
+        await region.gaps.record(
+            region.name,
+            "local entries deleted before they were applied",
+            after=str(StreamId.parse(ids[0]).previous()),
+            upto=ids[-1].decode(),
+        )
+
+    pipeline.stages.append(_stage(region, "apply", local.reader, local, on_lost=local_entries_lost))
+    pipeline.status_sources.append(
+        StatusSource(region.statuses[region.name], local.record.window, region.local_clock.now_ms)
+    )
+
+    for peer in config.peers:
+        name = f"to:{peer.name}"
+        forwarder = Forwarder(
+            region=region.name,
+            peer=peer.name,
+            reader=_reader(region, names.local_stream, forward_group(peer.name), name),
+            local=region.local,
+            remote=region.peers[peer.name],
+            names=names,
+            epoch=region.epoch,
+            clock=region.local_clock,
+            metrics=region.metrics,
+            limits=config.limits,
+            mirror_max_len=config.streams.mirror_max_len,
+            heartbeat_interval_ms=config.gateway.heartbeat_interval_ms,
+            drain=region.drain,
+            tracer=region.tracer,
+        )
+        pipeline.forwarders[peer.name] = forwarder
+        pipeline.stages.append(
+            _stage(
+                region,
+                name,
+                forwarder.reader,
+                forwarder,
+                idle=forwarder.idle,
+                prepare=forwarder.load,
+                on_lost=forwarder.entries_lost,
+            )
+        )
+
+        name = f"from:{peer.name}"
+        mirror = MirrorApplier(
+            region=region.name,
+            origin=peer.name,
+            reader=_reader(region, names.mirror(peer.name), APPLY_GROUP, name),
+            cache=region.cache,
+            dead_letters=region.dead_letters,
+            gaps=region.gaps,
+            metrics=region.metrics,
+            origin_clock=region.peer_clocks[peer.name],
+            local_clock=region.local_clock,
+            status=region.statuses[peer.name],
+            status_key=names.status,
+            resolver=region.resolver,
+            scanner=region.scanner,
+            tracer=region.tracer,
+        )
+        pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
+        pipeline.status_sources.append(
+            StatusSource(region.statuses[peer.name], mirror.record.window, mirror.origin_now_ms)
+        )
+    return pipeline
+
+
+def _reader(region: Region, stream: str, group: str, stage: str) -> GroupReader:
+    """A reader whose lost group is counted; on the local stream a lost group also means lost
+    history, hence a new epoch (the peers record the gap)."""
+    watch = EpochWatch(region.epoch) if stream == region.names.local_stream else None
+    recreated_counter = region.metrics.groups_recreated.labels(region.name, stage)
+
+    async def recreated() -> None:
+        recreated_counter.inc()
+        if watch is not None:
+            await watch.history_lost()
+
+    tuning = region.config.gateway
+    return GroupReader(
+        region.reads,
+        stream,
+        group,
+        region.config.consumer,
+        count=tuning.batch_size,
+        block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
+        on_recreated=recreated,
+        on_read=watch.read_ok if watch is not None else None,
+    )
+
+
+def _stage(
+    region: Region,
+    name: str,
+    reader: GroupReader,
+    handler: Handler,
+    *,
+    idle: Callable[[], Awaitable[None]] | None = None,
+    prepare: Callable[[], Awaitable[None]] | None = None,
+    on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
+) -> Stage:
+    tuning = region.config.gateway
+    return Stage(
+        name,
+        reader,
+        handler,
+        drain=region.drain,
+        on_error=region.counts_errors(name),
+        on_claimed=region.metrics.reclaimed.labels(region.name, name).inc,
+        idle=idle,
+        prepare=prepare,
+        on_lost=on_lost,
+        claim_interval_ms=tuning.claim_interval_ms,
+        claim_idle_ms=tuning.claim_idle_ms,
+        backoff_cap_ms=tuning.retry_backoff_cap_ms,
+    )
