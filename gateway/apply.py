@@ -92,14 +92,16 @@ class AppliedRecord:
     def __call__(
         self, events: list[Invalidation], removed: int, started_ns: int, origin_now_ms: float
     ) -> None:
-        """Record ``events`` applied (``removed`` keys went), their lag at ``origin_now_ms``."""
+        """Record ``events`` applied (``removed`` keys went), their lag at ``origin_now_ms``.
+
+        The status's ``applied`` count is the stage's to advance, before the acknowledgement
+        transaction that saves it."""
         self._batch.observe(len(events))
         if not events:
             return
         for op, count in Counter(event.op for event in events).items():
             self._applied.labels(self.region, self.origin, op).inc(count)
         self._removed.inc(removed)
-        self.status.applied += len(events)
         lags = lag_counts([event.id for event in events], origin_now_ms)
         self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
         self.window.add_counts(lags)
@@ -169,6 +171,7 @@ class LocalApplier:
         if valid and StreamId.parse(valid[-1].id) > StreamId.parse(self.status.last_id):
             self.status.last_id = valid[-1].id
         self.status.epoch = self.epoch.value
+        self.status.applied += len(valid)  # saved with the acknowledgement, not a second later
         acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]
         removed = await apply_and_ack(
             self.cache, self.reader, acked, plan, self.status_key, self.status

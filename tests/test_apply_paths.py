@@ -3,6 +3,8 @@ acknowledgement), in a cache that is another Redis, and in batches too large for
 
 from __future__ import annotations
 
+from functools import partial
+
 import msgspec
 import pytest
 import redis.asyncio
@@ -10,6 +12,8 @@ import redis.asyncio
 from invalgw.cache import UNLINK_CHUNK
 from invalgw.config import CacheEndpoint, RegionConfig
 from invalgw.connections import close
+from invalgw.lag import LinkStatus, status_decoder
+from invalgw.names import Names
 from invalgw.producer import Invalidator
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
 from tests.servers import RedisServer, no_retry
@@ -71,3 +75,31 @@ async def test_a_batch_of_more_keys_than_one_unlink_takes_is_applied_everywhere(
         async with running(configs):
             for region, client in by_region.items():
                 await wait_gone(client, keys, region=region)
+
+
+async def test_the_status_saved_with_an_acknowledgement_counts_that_batch(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """``invalgw lag`` reads ``applied`` from the status each batch saves as it is acknowledged:
+    the batch's own invalidations are in it, not only in the next periodic save."""
+    key = f"{namespace}:profile"
+    status_key = Names(configs["us-east"].streams.namespace, "").status
+    async with clients(configs) as by_region, running(configs):
+        for client in by_region.values():
+            await client.set(key, "cached")
+        invalidator = Invalidator(by_region["us-east"], stream=configs["us-east"].streams.local)
+        entry_id = await invalidator.invalidate(key)
+
+        seen: dict[str, LinkStatus] = {}
+
+        async def saved_with_the_entry(region: str) -> bool:
+            raw = await by_region[region].hget(status_key, "us-east")
+            if raw is not None:
+                seen[region] = status_decoder.decode(raw)
+            return raw is not None and seen[region].last_id == entry_id
+
+        for region in configs:
+            await wait_until(
+                partial(saved_with_the_entry, region), interval=0.005, what=f"{region}'s status"
+            )
+            assert seen[region].applied >= 1, f"{region} saved {entry_id} with applied=0"
