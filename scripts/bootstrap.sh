@@ -1,10 +1,12 @@
 # Sourced by scripts/test and scripts/demo: a virtualenv with the project, and the system tools.
 # Safe to run again: it only installs what is missing.
-#   ensure_venv                       .venv with the locked dependencies and invalgw (editable)
+#   ensure_venv    $INVALGW_VENV (default .venv) with the locked dependencies ($INVALGW_LOCK,
+#                  default requirements/lock.txt) and invalgw itself (editable)
 #   ensure_tools [promtool]           redis-server (and promtool, for the tests), via apt or brew
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${INVALGW_VENV:-.venv}
 
 ensure_venv() {
     local python=${PYTHON:-python3}
@@ -12,24 +14,24 @@ ensure_venv() {
         echo "invalgw needs Python 3.11 or newer (found: $("$python" --version 2>&1))." >&2
         exit 1
     fi
-    if [ ! -x .venv/bin/python ]; then
-        echo "==> creating .venv"
-        "$python" -m venv .venv
+    if [ ! -x $VENV/bin/python ]; then
+        echo "==> creating $VENV"
+        "$python" -m venv "$VENV"
     fi
     local lock=${INVALGW_LOCK:-requirements/lock.txt} stamp
-    stamp=.venv/.installed-$(cat "$lock" | cksum | cut -d' ' -f1)
+    stamp=$VENV/.installed-$(cat "$lock" | cksum | cut -d' ' -f1)
     if [ ! -f "$stamp" ]; then
-        echo "==> installing the locked dependencies ($lock) into .venv"
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        echo "==> installing the locked dependencies ($lock) into $VENV"
+        $VENV/bin/python -m pip install --quiet --disable-pip-version-check \
             --require-hashes --no-deps -r "$lock"
-        rm -f .venv/.installed-*
+        rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
     # The project itself, every time (a few seconds): a "strict" editable install links exactly
     # the files the wheel would ship under the import name invalgw, so mypy and the tests see
     # the package as users get it, and a module added since the last run is picked up.
     rm -rf build/__editable__.*
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    $VENV/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         --no-build-isolation --config-settings editable_mode=strict -e .
 }
 

@@ -570,6 +570,17 @@ def test_check_names_the_peer_it_cannot_reach_and_exits_1(
     assert lines[2].startswith("ok    peer ap-south")
 
 
+def test_check_offline_validates_the_file_without_reaching_any_redis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    urls = dict.fromkeys(("us-east", "eu-west", "ap-south"), down)
+    path = write_config(tmp_path / "us-east.toml", make_configs(urls, "t")["us-east"])
+    assert main(["check", "--offline", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{path}: valid config for region us-east"]
+    assert main(["check", "--config", str(path)]) == 1  # the same file, online: nothing answers
+
+
 def test_check_never_prints_a_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], session_servers: list[RedisServer]
 ) -> None:

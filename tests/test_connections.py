@@ -12,12 +12,11 @@ import redis.asyncio
 
 from invalgw.config import RedisEndpoint
 from invalgw.connections import close, connect, connect_sync
-from tests.servers import docker_available, redis_servers
+from tests.servers import redis_servers
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.mark.skipif(docker_available(), reason="needs a local redis-server's unix socket")
 async def test_unix_socket_urls_connect(tmp_path: Path) -> None:
     socket_path = tmp_path / "redis.sock"
     with redis_servers(1, "--unixsocket", str(socket_path)):

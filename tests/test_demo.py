@@ -18,6 +18,7 @@ import pytest
 
 from invalgw.cli import main
 from invalgw.config import load_config
+from invalgw.dev.demo import regions_dir
 from invalgw.dev.localmesh import load_mesh
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,3 +206,19 @@ def test_port_base_moves_every_port_and_the_moved_files_load_back(tmp_path: Path
         }
         assert moved.streams == original.streams
         assert moved.gateway == original.gateway
+
+
+def test_without_a_regions_folder_the_demo_runs_the_sample_regions_it_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    samples = regions_dir(None)
+    assert sorted(path.name for path in samples.glob("*.toml")) == [
+        "ap-south.toml",
+        "eu-west.toml",
+        "us-east.toml",
+    ]
+    mesh = load_mesh(samples, port_base=None, workdir=tmp_path)
+    assert [region.name for region in mesh] == ["us-east", "eu-west", "ap-south"]
+    (tmp_path / "regions").mkdir()
+    assert regions_dir(None) == Path("regions")  # a regions/ of one's own comes first

@@ -140,7 +140,8 @@ def regions_dir(given: str | None) -> Path:
         return Path(given)
     if Path("regions").is_dir():
         return Path("regions")
-    return Path(str(importlib.resources.files("invalgw.regions")))
+    samples = importlib.resources.files("invalgw.regions").iterdir()
+    return Path(str(next(sample for sample in samples if sample.name.endswith(".toml")))).parent
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
