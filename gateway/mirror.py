@@ -131,7 +131,8 @@ class MirrorApplier:
             for event in patterns:
                 self.scanner.submit(ScanJob(event, self.origin, done))
         acked = [entry_id for entry_id, _ in entries if entry_id not in scans]
-        removed = await apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
+        effect = apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
+        removed = await self.record.guard(events, started_ns, effect)
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
             setattr(self.status, name, getattr(status, name))
         self.record(events, removed, started_ns, self.origin_now_ms())

@@ -76,7 +76,15 @@ async def test_one_trace_spans_producer_forward_and_apply_in_every_region(
         assert far.attributes["invalgw.origin"] == "us-east"
         sent = send_to[region].attributes or {}
         assert far.attributes["messaging.message.id"] == sent["messaging.message.id"]
-        assert 0 <= float(str(far.attributes["invalgw.lag_ms"])) < 10_000
+        assert 0 <= float(str(far.attributes["invalgw.lag_seconds"])) < 10
+    peer_ports = {
+        peer.name: int(peer.url.rsplit(":", 1)[1].split("/")[0])
+        for peer in configs["us-east"].peers
+    }
+    for peer, send in send_to.items():
+        assert send.attributes is not None
+        assert send.attributes["server.address"] == "127.0.0.1"
+        assert send.attributes["server.port"] == peer_ports[peer]
 
 
 async def test_unsampled_invalidations_make_no_spans(
