@@ -27,7 +27,7 @@ async def test_probe_measures_convergence_in_every_region(
         "(3 probes)"
     )
     exported = generate_latest(prober.registry).decode()
-    assert 'invalgw_probe_slo_ratio{threshold="5 s",window="10 minutes"} 1.0' in exported
+    assert 'invalgw_probe_slo_ratio{threshold_seconds="5",window_seconds="600"} 1.0' in exported
     assert 'invalgw_probe_convergence_seconds_count{origin="eu-west"} 1.0' in exported
 
 
