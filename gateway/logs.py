@@ -35,16 +35,26 @@ def default_format() -> str:
     return value if value in FORMATS else "text"
 
 
-def bind(**fields: Any) -> None:
-    """Add ``fields`` to every JSON line logged from this context (and tasks started from it)."""
-    _bound.set({**(_bound.get() or {}), **fields})
+def bind(**fields: Any) -> contextvars.Token[dict[str, Any] | None]:
+    """Add ``fields`` to every JSON line logged from this context (and tasks started from it);
+    :func:`unbind` with the token returned goes back to what was bound before."""
+    return _bound.set({**(_bound.get() or {}), **fields})
+
+
+def unbind(token: contextvars.Token[dict[str, Any] | None]) -> None:
+    _bound.reset(token)
+
+
+def _plain(value: Any) -> Any:
+    """Bytes (keys, stream IDs) as text a human reads; never a crash over a strange key."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="backslashreplace")
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _fallback(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode(errors="backslashreplace")
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=str)
     return str(value)
 
 
@@ -63,7 +73,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         line.update(_bound.get() or {})
-        line.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD)
+        line.update(
+            (key, _plain(value)) for key, value in record.__dict__.items() if key not in _STANDARD
+        )
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return self._encoder.encode(line).decode()

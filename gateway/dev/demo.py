@@ -43,6 +43,8 @@ from invalgw.producer import Invalidator
 DEFAULT_RATE = 300
 DEFAULT_WORKDIR = ".demo"
 REFRESH_S = 1.0
+QUIET_REFRESH_S = 10.0
+"""When the output is not a terminal (a log, CI), a table this often, not every second."""
 TRAFFIC_TICK_S = 0.05
 USERS = 10_000
 """Each region's traffic cycles through this many users, two cached keys per user."""
@@ -222,7 +224,8 @@ class Demo:
     events: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     last: Snapshot | None = None
     last_frame: list[str] = field(default_factory=list)
-    """Not on a terminal, the table is printed once, when the demo stops."""
+    printed_at: float | None = None
+    """Not on a terminal: when a table was last printed (every QUIET_REFRESH_S, and at stop)."""
     stopping: bool = False
     started_at: float = 0.0
     _run_scope: anyio.CancelScope | None = None
@@ -401,8 +404,7 @@ class Demo:
             stale = await self._stale_keys()
             self._note_exits()
             self.last_frame = self._frame(self.last, stale)
-            if self.screen.live:
-                self.screen.draw(self.last_frame)
+            self._draw()
             frame += 1
             elapsed = time.monotonic() - self.started_at
             if duration is not None and elapsed >= duration:
@@ -411,6 +413,15 @@ class Demo:
             if duration is not None:
                 next_frame = min(next_frame, duration)
             await anyio.sleep(max(0.0, next_frame - elapsed))
+
+    def _draw(self) -> None:
+        """Redraw on a terminal; otherwise print a table now and then (a log stays short)."""
+        now = time.monotonic()
+        if self.screen.live:
+            self.screen.draw(self.last_frame)
+        elif self.printed_at is None or now - self.printed_at >= QUIET_REFRESH_S:
+            self.screen.draw(self.last_frame)
+            self.printed_at = now
 
     def _frame(self, snapshot: Snapshot, stale: dict[str, str]) -> list[str]:
         elapsed = int(time.monotonic() - self.started_at)
@@ -561,8 +572,8 @@ class Demo:
 
     async def _stop(self) -> list[str]:
         """Stop the gateways (they drain), then the Redis servers; say which gateways failed."""
-        if not self.screen.live and self.last_frame:
-            self.screen.draw(self.last_frame)
+        if not self.screen.live and self.last_frame and self.printed_at is not None:
+            self.screen.draw(self.last_frame)  # the final state, for the record
         self.screen.release()
         if self.last is not None:
             self.screen.say()
