@@ -137,6 +137,7 @@ class Gateway:
                     region.name,
                     holder,
                     time.monotonic() - waiting_since,
+                    extra={"lease_holder": holder},
                 )
                 last_said = time.monotonic()
             await self.drain.sleep(lease.renew_interval_s)
@@ -195,6 +196,7 @@ class Gateway:
                     region.name,
                     len(pipeline.stages),
                     ", ".join(region.peers) or "none",
+                    extra={"peers": list(region.peers), "stages": len(pipeline.stages)},
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
