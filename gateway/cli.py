@@ -41,7 +41,7 @@ class PublishOptions:
     keys: tuple[str, ...] = ()
     op: Op = "unlink"
     pattern: str | None = None
-    version: str | None = None
+    version: int | None = None
     traceparent: str | None = None
     source: str | None = None
     unlink_local: bool = False
@@ -149,6 +149,7 @@ def _publish_parser(commands: Any) -> None:
     )
     publish.add_argument(
         "--version",
+        type=_fence_version,
         metavar="N",
         help="the change's version: fills read at an older version are refused (fencing)",
     )
@@ -167,6 +168,12 @@ def _publish_parser(commands: Any) -> None:
     )
     publish.add_argument("keys", nargs="*", metavar="KEY", help="the keys to invalidate")
     bind(publish, cmd_publish, PublishOptions)
+
+
+def _fence_version(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
 
 
 def cmd_check(options: CheckOptions) -> int:

@@ -74,6 +74,9 @@ def test_publish_needs_keys_or_a_pattern(
     assert cli.main(["publish", "--config", path]) == 2
     assert cli.main(["publish", "--config", path, "--pattern", "a:*", "a:1"]) == 2
     assert "give the KEYs to invalidate, or --pattern (not both)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before anything is written, not dead-lettered
+        cli.main(["publish", "--config", path, "--version", "-3", "a:1"])
+    assert "'-3' is not a non-negative integer" in capsys.readouterr().err
 
 
 def every_parser(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
