@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from functools import partial
 
 from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
@@ -85,7 +85,7 @@ class AppliedRecord:
         self.status = status
         self.window = LagWindow()
         self._applied = metrics.applied
-        self._lag = metrics.lag.labels(origin, region)
+        self._lag = metrics.lag.labels(region, origin)
         self._removed = metrics.keys_removed.labels(region, origin)
         self._batch = metrics.batch_size.labels(region, stage)
 
@@ -106,6 +106,16 @@ class AppliedRecord:
         self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
         self.window.add_counts(lags)
         self.tracer.applied(self.origin, self.stream, events, started_ns, origin_now_ms)
+
+    async def guard(
+        self, events: list[Invalidation], started_ns: int, effect: Awaitable[int]
+    ) -> int:
+        """Await ``effect`` (the apply); if it fails, record ERROR spans for ``events``."""
+        try:
+            return await effect
+        except Exception as exc:
+            self.tracer.failed(self.origin, self.stream, events, started_ns, exc)
+            raise
 
 
 class LocalApplier:
@@ -173,8 +183,10 @@ class LocalApplier:
         self.status.epoch = self.epoch.value
         self.status.applied += len(valid)  # saved with the acknowledgement, not a second later
         acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]
-        removed = await apply_and_ack(
-            self.cache, self.reader, acked, plan, self.status_key, self.status
+        removed = await self.record.guard(
+            valid,
+            started_ns,
+            apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, self.status),
         )
         self.record(valid, removed, started_ns, self.clock.now_ms())
 

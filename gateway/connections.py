@@ -7,7 +7,8 @@ gateway makes goes through here, so none of them runs with defaults.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import hiredis
@@ -22,6 +23,8 @@ from invalgw.config import CacheEndpoint, RedisEndpoint, redact
 from invalgw.errors import RedisUnreachable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 AsyncRedis = redis.asyncio.Redis
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -128,6 +131,56 @@ def connect_sync(endpoint: RedisEndpoint, *, name: str) -> redis.Redis:
         endpoint.url, retry=Retry(_backoff(endpoint), endpoint.retries), **_options(endpoint, name)
     )
     return client
+
+
+class CountingRetry(AsyncRetry):
+    """redis-py's retry, telling ``on_error`` of every connection error or timeout it sees,
+    and ``on_retry`` of every call it makes again, so the errors it absorbs are counted too.
+
+    (Its callbacks are plain functions: redis-py deep-copies a retry into every connection.)
+    """
+
+    def __init__(
+        self,
+        retry: AsyncRetry,
+        on_error: Callable[[Exception], None],
+        on_retry: Callable[[], None],
+    ) -> None:
+        super().__init__(retry._backoff, retry._retries, retry._supported_errors)
+        self._on_error = on_error
+        self._on_retry = on_retry
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        retries = self._retries
+
+        async def counted(error: Exception, failures: int) -> Any:
+            self._on_error(error)
+            if retries < 0 or failures <= retries:
+                self._on_retry()
+            return await (fail(error, failures) if with_failure_count else fail(error))
+
+        return await super().call_with_retry(do, counted, is_retryable, with_failure_count=True)
+
+
+def count_errors(
+    client: AsyncRedis | RedisCluster,
+    on_error: Callable[[Exception], None],
+    on_retry: Callable[[], None],
+) -> None:
+    """Count every connection error and retry of ``client`` (see :class:`CountingRetry`).
+
+    Not for a cluster client, whose retries work per node."""
+    if isinstance(client, RedisCluster):
+        return
+    retry = client.get_retry()
+    if retry is not None and not isinstance(retry, CountingRetry):
+        client.set_retry(CountingRetry(retry, on_error, on_retry))
 
 
 async def probe(client: AsyncRedis, *, label: str, url: str) -> str:

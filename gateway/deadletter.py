@@ -57,5 +57,9 @@ class DeadLetters:
         for letter in letters:
             self.metrics.dead_letters.labels(self.region, letter.code).inc()
             log.warning(
-                "dead-lettered %s %s: %s", source_stream, letter.entry_id.decode(), letter.reason
+                "dead-lettered %s %s: %s",
+                source_stream,
+                letter.entry_id.decode(),
+                letter.reason,
+                extra={"stream": source_stream, "ids": [letter.entry_id], "reason": letter.code},
             )

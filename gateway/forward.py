@@ -153,8 +153,8 @@ class Forwarder:
             last = valid[-1].id if valid else self.last
             try:
                 delivered = await self._send(kind, batch, last)
-            except BaseException:
-                self.tracer.end_forward(spans, duplicate=False)
+            except BaseException as exc:
+                self.tracer.end_forward(spans, duplicate=False, error=exc)
                 raise
             self.tracer.end_forward(spans, duplicate=delivered is False)
             if delivered is None:  # a drain gave up on the peer: the entries stay pending

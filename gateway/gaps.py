@@ -48,6 +48,7 @@ class Gaps:
             upto,
             self.region,
             reason,
+            extra={"origin": origin, "after": after, "upto": upto, "reason": reason},
         )
         self.metrics.gaps.labels(self.region, origin).inc()
         await self.client.xadd(

@@ -6,7 +6,17 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import prometheus_client
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -110,11 +120,31 @@ class HistogramSeries:
                 self.sum += value * count
 
 
+def process_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """``registry`` (or a new one) with what every invalgw process exports besides its own
+    metrics: ``process_*`` (CPU, resident memory, open fds), ``python_info``,
+    ``python_gc_*`` and ``invalgw_build_info{version}``.
+
+    Also turns off the ``_created`` series of counters and histograms for the whole process:
+    Prometheus does not need them, and they double the series an operator scrolls through.
+    """
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = registry or CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    from invalgw import __version__
+
+    Info("invalgw_build", "The invalgw version this process runs.", registry=registry).info(
+        {"version": __version__}
+    )
+    return registry
+
+
 class Metrics:
     """Every metric the gateway exports, registered in ``registry`` (tests pass a fresh one)."""
 
     def __init__(self, region: str, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = process_registry(registry)
         self.region = region
         r = self.registry
         self.applied = Counter(
@@ -173,9 +203,29 @@ class Metrics:
             ["region", "target"],
             registry=r,
         )
+        self.connection_errors = Counter(
+            "invalgw_redis_connection_errors",
+            "Every connection error or timeout on a call to a Redis, by target region, "
+            "including those the client's own retries absorbed (a flapping link shows here).",
+            ["region", "target"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "invalgw_redis_retries",
+            "Calls to a Redis the client tried again after a connection error, by target region.",
+            ["region", "target"],
+            registry=r,
+        )
         self.pattern_keys = Counter(
             "invalgw_pattern_keys",
             "Keys matched and invalidated by pattern invalidations, by origin region.",
+            ["region", "origin"],
+            registry=r,
+        )
+        self.pattern_keys_removed = Counter(
+            "invalgw_pattern_keys_removed",
+            "Keys that existed and were removed (or given a soft expiry) by pattern "
+            "invalidations, by origin region; with invalgw_pattern_keys_total, a walk's progress.",
             ["region", "origin"],
             registry=r,
         )
@@ -194,7 +244,7 @@ class Metrics:
         self.lag = BatchHistogram(
             "invalgw_replication_lag_seconds",
             "From the origin's XADD to the apply in this region, on the Redis server clocks.",
-            ["origin", "region"],
+            ["region", "origin"],
             buckets=LAG_BUCKETS,
             registry=r,
         )

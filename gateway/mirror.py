@@ -132,7 +132,8 @@ class MirrorApplier:
                 self.scanner.submit(ScanJob(event, self.origin, done))
         acked = [entry_id for entry_id, _ in entries if entry_id not in scans]
         status.applied += len(events)  # saved with the acknowledgement, not a second later
-        removed = await apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
+        effect = apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
+        removed = await self.record.guard(events, started_ns, effect)
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps", "applied"):
             setattr(self.status, name, getattr(status, name))
         self.record(events, removed, started_ns, self.origin_now_ms())

@@ -23,12 +23,9 @@ import redis
 import redis.asyncio
 
 from invalgw.proto import entry_fields
+from invalgw.proto.entry import Op
 
 DEFAULT_STREAM = "invalidations"
-
-
-def _fields(keys: tuple[str, ...], traceparent: str | None, source: str | None) -> dict[str, str]:
-    return entry_fields(keys, op="unlink", traceparent=traceparent, source=source)
 
 
 def _entry_id(reply: Any) -> str:
@@ -50,15 +47,29 @@ class Invalidator:
         self.source = source
 
     async def invalidate(
-        self, *keys: str, unlink_local: bool = False, traceparent: str | None = None
+        self,
+        *keys: str,
+        unlink_local: bool = False,
+        traceparent: str | None = None,
+        op: Op = "unlink",
+        pattern: str | None = None,
+        version: int | str | None = None,
     ) -> str:
-        """Invalidate ``keys`` in every region; returns the stream entry ID.
+        """Invalidate ``keys`` (or every key matching ``pattern``) in every region with ``op``;
+        returns the stream entry ID. ``version`` fences slower fills (see ``invalgw.fence``).
 
         With ``unlink_local=True`` the keys are also removed from this region's Redis in the
         same round trip, so the caller's next read already misses.
         """
-        fields = _fields(keys, traceparent, self.source)
-        if not unlink_local:
+        fields = entry_fields(
+            keys,
+            op=op,
+            pattern=pattern,
+            version=version,
+            traceparent=traceparent,
+            source=self.source,
+        )
+        if not unlink_local or not keys:
             return _entry_id(await self.client.xadd(self.stream, fields))  # type: ignore[arg-type]
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.unlink(*keys)
@@ -78,11 +89,24 @@ class SyncInvalidator:
         self.source = source
 
     def invalidate(
-        self, *keys: str, unlink_local: bool = False, traceparent: str | None = None
+        self,
+        *keys: str,
+        unlink_local: bool = False,
+        traceparent: str | None = None,
+        op: Op = "unlink",
+        pattern: str | None = None,
+        version: int | str | None = None,
     ) -> str:
         """See :meth:`Invalidator.invalidate`."""
-        fields = _fields(keys, traceparent, self.source)
-        if not unlink_local:
+        fields = entry_fields(
+            keys,
+            op=op,
+            pattern=pattern,
+            version=version,
+            traceparent=traceparent,
+            source=self.source,
+        )
+        if not unlink_local or not keys:
             return _entry_id(self.client.xadd(self.stream, fields))  # type: ignore[arg-type]
         with self.client.pipeline(transaction=True) as pipe:
             pipe.unlink(*keys)

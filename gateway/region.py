@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import msgspec
 from opentelemetry.sdk.trace import TracerProvider
@@ -18,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from invalgw.cache import Cache
 from invalgw.clock import ServerClock, sample_clock
 from invalgw.config import RedisEndpoint, RegionConfig
-from invalgw.connections import AsyncRedis, Connector, close, connect_cache
+from invalgw.connections import AsyncRedis, Connector, close, connect_cache, count_errors
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
 from invalgw.gaps import Gaps
@@ -104,6 +105,13 @@ def open_region(
     peers = {peer.name: client(peer, f"to:{peer.name}") for peer in config.peers}
     for each in {id(c): c for c in (local, reads, cache_client, *peers.values())}.values():
         stack.push_async_callback(close, each)
+    for target, each in [
+        (config.region, local),
+        (config.region, reads),
+        (config.region, cache_client),
+        *peers.items(),
+    ]:
+        _count_errors(each, metrics, config.region, target)
 
     names = Names(config.streams.namespace, config.streams.local)
     cache = Cache(
@@ -132,7 +140,11 @@ def open_region(
         peers=peers,
         cache=cache,
         resolver=resolver,
-        tracer=InvalidationTracer(config.region, tracer_provider),
+        tracer=InvalidationTracer(
+            config.region,
+            tracer_provider,
+            peers={peer.name: address for peer in config.peers if (address := _address(peer))},
+        ),
         scanner=scanner,
         dead_letters=DeadLetters(
             local,
@@ -145,6 +157,26 @@ def open_region(
         epoch=Epoch(local, names.epoch),
         peer_clocks={name: ServerClock() for name in peers},
     )
+
+
+def _address(endpoint: RedisEndpoint) -> tuple[str, int] | None:
+    """(host, port) of a TCP endpoint, for spans that cross to it; None for a unix socket."""
+    parts = urlsplit(endpoint.url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return None
+    try:
+        return parts.hostname, parts.port or 6379
+    except ValueError:
+        return None
+
+
+def _count_errors(
+    client: AsyncRedis | RedisCluster, metrics: Metrics, region: str, target: str
+) -> None:
+    """Count every connection error and retry of ``client``, those its retries absorb too."""
+    errors = metrics.connection_errors.labels(region, target)
+    retries = metrics.retries.labels(region, target)
+    count_errors(client, lambda _exc: errors.inc(), lambda: retries.inc())
 
 
 async def _nothing() -> None:

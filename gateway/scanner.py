@@ -31,7 +31,8 @@ from invalgw.stages import Drain, backoff_seconds, log_failure
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 10.0
+PROGRESS_EVERY_S = 5.0
+"""How often a walk logs how far it got (keys matched, removed, and the rate)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Scanner:
         self._jobs, self._queue = anyio.create_memory_object_stream[ScanJob](math.inf)
         self._active: set[tuple[str, str]] = set()
         self._keys = metrics.pattern_keys
+        self._removed = metrics.pattern_keys_removed
         self._finished = metrics.pattern_invalidations
         self._in_progress = metrics.pattern_in_progress.labels(region)
 
@@ -124,15 +126,18 @@ class Scanner:
         matched = removed = 0
         log.info("pattern %r from %s: walking the cache", pattern, job.origin)
         keys_counter = self._keys.labels(self.region, job.origin)
+        removed_counter = self._removed.labels(self.region, job.origin)
         async for found in self.cache.scan(pattern, count=self.batch):
             keys = [key for key in found if not is_fence_key(key)]
             plan = Plan()
             plan_keys(plan, keys, event.op, event.version, job.origin, self.resolver)
-            removed += await self.cache.apply(plan)
+            removed_now = await self.cache.apply(plan)
+            removed += removed_now
             matched += len(keys)
             keys_counter.inc(len(keys))
+            removed_counter.inc(removed_now)
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                log.info("pattern %r: %d keys so far", pattern, matched)
+                _progress(pattern, job.origin, matched, removed, time.monotonic() - started)
                 last_report = time.monotonic()
             await anyio.lowlevel.checkpoint()  # ordinary invalidations go between batches
             if self.drain.requested:
@@ -146,5 +151,30 @@ class Scanner:
             matched,
             removed,
             time.monotonic() - started,
+            extra={
+                "pattern": pattern,
+                "origin": job.origin,
+                "matched": matched,
+                "removed": removed,
+            },
         )
         return True
+
+
+def _progress(pattern: str, origin: str, matched: int, removed: int, seconds: float) -> None:
+    rate = matched / seconds if seconds > 0 else 0.0
+    log.info(
+        "pattern %r from %s: %d keys matched, %d removed so far, %.0f keys/s",
+        pattern,
+        origin,
+        matched,
+        removed,
+        rate,
+        extra={
+            "pattern": pattern,
+            "origin": origin,
+            "matched": matched,
+            "removed": removed,
+            "keys_per_s": round(rate, 1),
+        },
+    )

@@ -18,13 +18,13 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import start_http_server
 
-from invalgw import tracing
+from invalgw import logs, tracing
 from invalgw.config import RegionConfig
 from invalgw.connections import REDIS_ERRORS, Connector, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
+from invalgw.health import Health, health_app, serve_http
 from invalgw.housekeeping import Chores
 from invalgw.lease import RegionLease
 from invalgw.metrics import Metrics
@@ -55,12 +55,15 @@ class Gateway:
         self.forwarders: dict[str, Forwarder] = {}
         self.lease_lost = False
         """Another gateway of this region took over (or the lease expired): this one stopped."""
+        self.health = Health(config.gateway.lease_ms)
+        """What ``/healthz`` and ``/readyz`` answer."""
         self._force = anyio.CancelScope()
 
     def request_drain(self) -> None:
         """Finish the batches in hand, acknowledge them, and stop (first SIGTERM)."""
         if not self.drain.requested:
             log.info("draining: finishing the batches in hand")
+        self.health.draining = True
         self.drain.request()
 
     def force_stop(self) -> None:
@@ -72,8 +75,10 @@ class Gateway:
     ) -> None:
         """Run until drained or force-stopped; reports ready when every stage has started."""
         with self._force:
-            async with AsyncExitStack() as stack:
+            async with anyio.create_task_group() as ticks, AsyncExitStack() as stack:
                 self._serve_metrics(stack)
+                ticks.start_soon(self.health.keep_ticking)
+                stack.callback(ticks.cancel_scope.cancel)
                 region = open_region(
                     self.config,
                     stack=stack,
@@ -118,8 +123,10 @@ class Gateway:
                 log_failure(f"{region.name}: lease", exc, failures)
                 await self.drain.sleep(backoff_seconds(failures))
                 continue
+            self.health.reached()
             if holder is None:
                 held.set(1)
+                self.health.lease_held = True
                 if last_said:
                     log.info("%s: took over the region's lease", region.name)
                 return True
@@ -130,6 +137,7 @@ class Gateway:
                     region.name,
                     holder,
                     time.monotonic() - waiting_since,
+                    extra={"lease_holder": holder},
                 )
                 last_said = time.monotonic()
             await self.drain.sleep(lease.renew_interval_s)
@@ -145,15 +153,18 @@ class Gateway:
                 region.counts_errors("lease")(exc)
                 log.warning("%s: cannot renew the region's lease: %s", region.name, exc)
                 continue
-            if not ours:
-                log.error(
-                    "%s: another gateway of this region took its lease; stopping at once",
-                    region.name,
-                )
-                self.metrics.lease_held.labels(region.name).set(0)
-                self.lease_lost = True
-                self.force_stop()
-                return
+            if ours:
+                self.health.reached()
+                continue
+            log.error(
+                "%s: another gateway of this region took its lease; stopping at once",
+                region.name,
+            )
+            self.health.lease_held = False
+            self.metrics.lease_held.labels(region.name).set(0)
+            self.lease_lost = True
+            self.force_stop()
+            return
 
     async def _release_lease(self, lease: RegionLease) -> None:
         """Hand the lease over at once to a standby (unless it was lost)."""
@@ -165,6 +176,7 @@ class Gateway:
             except REDIS_ERRORS as exc:
                 log.debug("releasing the region's lease: %s", exc)
         self.metrics.lease_held.labels(self.config.region).set(0)
+        self.health.lease_held = False
 
     async def _run(
         self, region: Region, lease: RegionLease, task_status: anyio.abc.TaskStatus[None]
@@ -184,6 +196,7 @@ class Gateway:
                     region.name,
                     len(pipeline.stages),
                     ", ".join(region.peers) or "none",
+                    extra={"peers": list(region.peers), "stages": len(pipeline.stages)},
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
@@ -197,10 +210,9 @@ class Gateway:
         metrics = self.config.metrics
         if not metrics.port:
             return
+        app = health_app(self.health, self.metrics.registry)
         try:
-            server, _thread = start_http_server(
-                metrics.port, metrics.host, registry=self.metrics.registry
-            )
+            server, _thread = serve_http(app, metrics.host, metrics.port)
         except OSError as exc:
             raise GatewayError(
                 f"cannot serve metrics on {metrics.host}:{metrics.port} ({exc.strerror}); "
@@ -208,7 +220,11 @@ class Gateway:
             ) from None
         stack.callback(server.server_close)
         stack.callback(server.shutdown)
-        log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
+        log.info(
+            "metrics on http://%s:%d/metrics, health on /healthz and /readyz",
+            metrics.host,
+            metrics.port,
+        )
 
 
 def tune_gc() -> None:
@@ -232,6 +248,7 @@ async def serve(config: RegionConfig, *, metrics: Metrics | None = None) -> int:
     after ``gateway.drain_timeout_ms``. Second signal: stop at once, exit 128 + signal number.
     """
     tune_gc()
+    logs.bind(region=config.region)
     provider = tracing.configure(f"invalgw-{config.region}")
     gateway = Gateway(config, metrics=metrics, tracer_provider=provider)
     exit_code = 0

@@ -43,3 +43,25 @@ def test_counted_observations_equal_repeated_ones() -> None:
             reference.labels("us-east").observe(value)
     batched.labels("us-east").observe_counts([(0.004, 3), (0.2, 1), (30.0, 2)])
     assert _exposition(ours) == _exposition(theirs)
+
+
+def test_the_gateway_registry_has_what_an_operator_graphs_first() -> None:
+    """Process and Python series, the build's version, no ``_created`` series, and the same
+    label order on every per-region metric."""
+    from invalgw import __version__
+    from invalgw.metrics import Metrics
+
+    metrics = Metrics("us-east")
+    metrics.lag.labels("us-east", "eu-west").observe(0.01)
+    metrics.applied.labels("us-east", "eu-west", "unlink").inc()
+    text = generate_latest(metrics.registry).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
+    assert "python_info" in names
+    assert f'invalgw_build_info{{version="{__version__}"}} 1.0' in text
+    assert not [name for name in names if name.endswith("_created")]
+    for family in metrics.registry.collect():
+        if family.name.startswith("invalgw_") and family.samples:
+            labels = [key for key in family.samples[0].labels if key not in ("le", "version")]
+            assert labels[:1] == ["region"] or not labels, (family.name, labels)
+    assert 'invalgw_replication_lag_seconds_count{origin="eu-west",region="us-east"}' in text

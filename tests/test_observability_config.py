@@ -37,6 +37,7 @@ def exported_names() -> set[str]:
         names.add(metric.name)
         suffixes = {
             "counter": ["_total"],
+            "info": ["_info"],
             "histogram": ["_bucket", "_sum", "_count"],
         }.get(metric.type, [""])
         names.update(metric.name + suffix for suffix in suffixes)
@@ -44,7 +45,8 @@ def exported_names() -> set[str]:
 
 
 def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\binvalgw_[a-z_]+", expr))
+    """The gateway's own metrics and the process collectors' (CPU, memory) named in ``expr``."""
+    return set(re.findall(r"\b(?:invalgw|process|python)_[a-z_]+", expr))
 
 
 def test_compose_file_follows_the_compose_spec() -> None:
@@ -117,7 +119,7 @@ def test_dashboard_queries_name_exported_metrics() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             used = metric_names_in(target["expr"])
-            assert used, f"{panel['title']}: no invalgw metric in {target['expr']}"
+            assert used, f"{panel['title']}: no metric of ours in {target['expr']}"
             assert used <= exported, f"{panel['title']}: {used - exported} not exported"
 
 

@@ -255,6 +255,7 @@ async def test_a_walk_of_200k_keys_on_a_standalone_cache(
         await close(cache)
     east = gateways["us-east"]
     assert pattern_metric(east, "invalgw_pattern_keys_total") == WALKED_KEYS
+    assert pattern_metric(east, "invalgw_pattern_keys_removed_total") == WALKED_KEYS
     assert scan_calls >= WALKED_KEYS // 1000  # bounded batches (COUNT 1000), never KEYS
     check_live_lags(walk, "standalone", scan_calls)
 

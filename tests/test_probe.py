@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import anyio
 import pytest
 from prometheus_client import generate_latest
 
 from invalgw.config import RegionConfig
 from invalgw.ops.probe import Prober, ProbeResult, SloWindow, format_duration, format_percent
-from tests.conftest import running
+from tests.conftest import running, write_config
 
 
 @pytest.mark.anyio
@@ -27,7 +32,7 @@ async def test_probe_measures_convergence_in_every_region(
         "(3 probes)"
     )
     exported = generate_latest(prober.registry).decode()
-    assert 'invalgw_probe_slo_ratio{threshold="5 s",window="10 minutes"} 1.0' in exported
+    assert 'invalgw_probe_slo_ratio{threshold_seconds="5",window_seconds="600"} 1.0' in exported
     assert 'invalgw_probe_convergence_seconds_count{origin="eu-west"} 1.0' in exported
 
 
@@ -98,3 +103,22 @@ async def test_probe_watches_each_region_s_cache_not_its_stream_redis(
             await prober.aclose()
     assert result is not None
     assert result.seconds is not None
+
+
+@pytest.mark.anyio
+async def test_probe_json_prints_one_object_per_report(
+    configs: dict[str, RegionConfig], tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "invalgw", "probe", "--json", "--rounds", "3"]
+    argv += ["--interval-ms", "50", "--report-every-s", "0", "--threshold-ms", "5000"]
+    for name, config in configs.items():
+        argv += ["--config", str(write_config(tmp_path / f"{name}.toml", config))]
+    async with running(configs):
+        result = await anyio.run_process(argv, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    reports = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [report["probes"] for report in reports] == [1, 2, 3]
+    last = reports[-1]
+    assert (last["ratio"], last["failures"]) == (1.0, 0)
+    assert (last["threshold_seconds"], last["window_seconds"]) == (5.0, 600)
+    assert last["statement"].startswith("100% of invalidations applied in every region within 5 s")

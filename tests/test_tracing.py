@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -76,7 +78,15 @@ async def test_one_trace_spans_producer_forward_and_apply_in_every_region(
         assert far.attributes["invalgw.origin"] == "us-east"
         sent = send_to[region].attributes or {}
         assert far.attributes["messaging.message.id"] == sent["messaging.message.id"]
-        assert 0 <= float(str(far.attributes["invalgw.lag_ms"])) < 10_000
+        assert 0 <= float(str(far.attributes["invalgw.lag_seconds"])) < 10
+    peer_ports = {
+        peer.name: int(peer.url.rsplit(":", 1)[1].split("/")[0])
+        for peer in configs["us-east"].peers
+    }
+    for peer, send in send_to.items():
+        assert send.attributes is not None
+        assert send.attributes["server.address"] == "127.0.0.1"
+        assert send.attributes["server.port"] == peer_ports[peer]
 
 
 async def test_unsampled_invalidations_make_no_spans(
@@ -117,3 +127,81 @@ def test_sampled_flag_is_read_from_the_traceparent() -> None:
     assert not sampled(None)
     assert not sampled("garbage")
     assert not sampled("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz")
+
+
+OTEL_VARIABLES = (
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+)
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("variables", "exports", "said"),
+    [
+        ({}, False, ""),
+        (
+            {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"},
+            False,
+            "",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp"},
+            True,
+            "exporting spans with OTLP http/protobuf to http://localhost:4318 (the default",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"},
+            True,
+            "to http://collector:4318/v1/traces",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            False,
+            "asked for OTLP (grpc) but its exporter is not installed",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            False,
+            "OTLP protocol 'http/json' is not supported",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, False, "OTEL_TRACES_EXPORTER=zipkin is not supported"),
+    ],
+)
+def test_the_otel_variables_are_honoured_and_the_outcome_is_said_once(
+    otel_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variables: dict[str, str],
+    exports: bool,
+    said: str,
+) -> None:
+    from invalgw import tracing
+
+    grpc = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
+    if grpc and "grpc" in variables.values():
+        pytest.skip("the grpc exporter is installed here")
+    for name, value in variables.items():
+        otel_env.setenv(name, value)
+    with caplog.at_level("INFO", logger="invalgw.tracing"):
+        provider = tracing.configure("invalgw-test")
+    try:
+        assert (provider is not None) == exports
+        lines = [r.getMessage() for r in caplog.records if r.name == "invalgw.tracing"]
+        if said:
+            assert len(lines) == 1, lines
+            assert said in lines[0]
+        else:
+            assert lines == []
+    finally:
+        if provider is not None:
+            provider.shutdown()

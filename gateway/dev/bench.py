@@ -24,11 +24,13 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from invalgw.cliargs import bind
 from invalgw.dev.benchload import (
     DEL_EVENTS,
     STOP,
@@ -69,11 +71,44 @@ log = logging.getLogger(__name__)
 NAIVE_INVALIDATIONS = 20_000
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    invalidations: int = 200_000
+    naive_invalidations: int = NAIVE_INVALIDATIONS
+    rate: float = 5000
+    duration: float = 10
+    warmup: float = 1
+    skip_naive: bool = False
+    skip_latency: bool = False
+    skip_throughput: bool = False
+    batch_size: int | None = None
+    json: str | None = None
+    profile: Path | None = None
+    keep: bool = False
+
+
+DESCRIPTION = """\
+Measure the gateway on this machine, against a naive forwarder (one command per event per
+region) as the baseline. It starts three regions here (three redis-server processes on free
+ports), runs each system as three processes, one per region, and measures two things, with
+every invalidation removing two keys and written in the region us-east:
+
+  latency     a producer offers --rate invalidations per second for --duration seconds;
+              the time from each XADD until its keys are gone in each peer region.
+  throughput  --invalidations are written as fast as possible; how many per second are
+              gone in all three regions.
+
+Progress goes to stderr (one line per phase); the report to stdout. Everything it starts is
+stopped when it ends, on Ctrl-C and on SIGTERM.
+"""
+
+
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "bench",
         help="measure throughput and latency on a local 3-region set-up, against a naive forwarder",
-        description=(__doc__ or "").split("\n\n")[0],
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--invalidations",
@@ -133,10 +168,10 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (configs, logs) afterwards"
     )
-    parser.set_defaults(command=cmd_bench)
+    bind(parser, cmd_bench, BenchOptions)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: BenchOptions) -> int:
     if args.warmup < 0:
         print("invalgw bench: --warmup must not be negative", file=sys.stderr)
         return 2
@@ -163,10 +198,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, command: str) -> Report:
+def run(args: BenchOptions, command: str) -> Report:
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-        args.profile = args.profile.resolve()
+        args = replace(args, profile=args.profile.resolve())
     results: dict[str, SystemResult] = {}
     load_start = _load_average()
     with Rig(keep=args.keep, batch_size=args.batch_size) as rig:
@@ -196,7 +231,7 @@ def _load_average() -> float | None:
         return None
 
 
-def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:
+def measure(rig: Rig, system: str, args: BenchOptions) -> SystemResult:
     rig.flush()
     if system == GATEWAY:
         _say("starting 3 gateways")
@@ -219,9 +254,7 @@ def measure(rig: Rig, system: str, args: argparse.Namespace) -> SystemResult:
     return SystemResult(throughput=throughput, latency=latency)
 
 
-def measure_latency(
-    rig: Rig, system: str, args: argparse.Namespace, children: list[Child]
-) -> Latency:
+def measure_latency(rig: Rig, system: str, args: BenchOptions, children: list[Child]) -> Latency:
     prefix = f"{system}:lat"
     warmup = round(args.warmup * args.rate)
     total = warmup + round(args.duration * args.rate)

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import anyio
 import anyio.abc
 import redis
 
+from invalgw.cliargs import bind
 from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect
 from invalgw.dev.errors import DemoFailed
 from invalgw.dev.localmesh import LocalRegion, check_ports, load_mesh
@@ -42,6 +43,8 @@ from invalgw.producer import Invalidator
 DEFAULT_RATE = 300
 DEFAULT_WORKDIR = ".demo"
 REFRESH_S = 1.0
+QUIET_REFRESH_S = 10.0
+"""When the output is not a terminal (a log, CI), a table this often, not every second."""
 TRAFFIC_TICK_S = 0.05
 USERS = 10_000
 """Each region's traffic cycles through this many users, two cached keys per user."""
@@ -49,6 +52,20 @@ READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 """How long past its own drain timeout a gateway gets before it is killed."""
 MAX_EVENTS = 2
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    regions: str | None = None
+    rate: float = DEFAULT_RATE
+    duration: float | None = None
+    port_base: int | None = None
+    workdir: str = DEFAULT_WORKDIR
+    kill_region: str | None = None
+    after: float = 10.0
+    down_for: float = 10.0
+    json: str | None = None
+    no_color: bool = False
 
 
 def add_parser(commands: Any) -> None:
@@ -117,7 +134,7 @@ def add_parser(commands: Any) -> None:
         "--json", metavar="FILE", help="write the last table as JSON to FILE when stopping"
     )
     parser.add_argument("--no-color", action="store_true", help="plain text, no ANSI colours")
-    parser.set_defaults(command=cmd_demo)
+    bind(parser, cmd_demo, DemoOptions)
 
 
 def _positive(text: str) -> float:
@@ -144,22 +161,23 @@ def regions_dir(given: str | None) -> Path:
     return Path(str(next(sample for sample in samples if sample.name.endswith(".toml")))).parent
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir)
-    args.regions = regions_dir(args.regions)
-    mesh = load_mesh(args.regions, port_base=args.port_base, workdir=workdir)
+def cmd_demo(options: DemoOptions) -> int:
+    workdir = Path(options.workdir)
+    regions = regions_dir(options.regions)
+    options = replace(options, regions=str(regions))
+    mesh = load_mesh(regions, port_base=options.port_base, workdir=workdir)
     names = [region.name for region in mesh]
-    if args.kill_region is not None and args.kill_region not in names:
+    if options.kill_region is not None and options.kill_region not in names:
         raise ConfigError(
-            "--kill-region", [f"no region {args.kill_region!r} in {args.regions} ({names})"]
+            "--kill-region", [f"no region {options.kill_region!r} in {regions} ({names})"]
         )
     find_redis_server()  # before anything starts: the install hint, if Redis is missing
-    check_ports(mesh, moved=args.port_base is not None)
+    check_ports(mesh, moved=options.port_base is not None)
     for previous in ("logs", "redis"):
         shutil.rmtree(workdir / previous, ignore_errors=True)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    screen = Screen(sys.stdout, color=not args.no_color and "NO_COLOR" not in os.environ)
-    demo = Demo(args, [Member(region) for region in mesh], workdir, screen)
+    screen = Screen(sys.stdout, color=not options.no_color and "NO_COLOR" not in os.environ)
+    demo = Demo(options, [Member(region) for region in mesh], workdir, screen)
     code: int = anyio.run(demo.run)
     return code
 
@@ -199,13 +217,16 @@ class Member:
 
 @dataclass
 class Demo:
-    args: argparse.Namespace
+    options: DemoOptions
     members: list[Member]
     workdir: Path
     screen: Screen
     clients: dict[str, AsyncRedis] = field(default_factory=dict)
     events: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     last: Snapshot | None = None
+    last_frame: list[str] = field(default_factory=list)
+    printed_at: float | None = None
+    """Not on a terminal: when a table was last printed (every QUIET_REFRESH_S, and at stop)."""
     stopping: bool = False
     started_at: float = 0.0
     _run_scope: anyio.CancelScope | None = None
@@ -253,7 +274,7 @@ class Demo:
 
     async def _start(self) -> None:
         say = self.screen.say
-        say(f"invalgw demo: {len(self.members)} regions from {self.args.regions}/")
+        say(f"invalgw demo: {len(self.members)} regions from {self.options.regions}/")
         for member in self.members:
             await self._start_redis(member)
             self.clients[member.name] = connect(
@@ -261,6 +282,7 @@ class Demo:
             )
         for member in self.members:
             await self._start_gateway(member)
+        self._progress(f"waiting for {len(self.members)} gateways to create their groups…")
         failures: list[str] = []
         async with anyio.create_task_group() as tg:
             for member in self.members:
@@ -280,12 +302,18 @@ class Demo:
             say(line)
         say(f"Logs: {self.workdir}/logs/<region>.log (gateways), {self.workdir}/redis/ (Redis)")
         say(
-            f"Traffic: {self.args.rate:,.0f} invalidations/s in each region, of 2 keys each, "
+            f"Traffic: {self.options.rate:,.0f} invalidations/s in each region, of 2 keys each, "
             "cached in every region first"
         )
         say()
 
+    def _progress(self, text: str) -> None:
+        """A step of the start-up, shown on a terminal only (a log or CI gets the summary)."""
+        if self.screen.live:
+            self.screen.say(self.screen.style(text, STYLES["dim"]))
+
     async def _start_redis(self, member: Member) -> None:
+        self._progress(f"starting redis-server for {member.name} on port {member.region.port}…")
         workdir = self.workdir / "redis" / member.name
         # its own session: a Ctrl-C reaches only the demo, which stops it after the gateways
         member.redis = RedisProcess(member.region.port, workdir=workdir, own_session=True)
@@ -358,8 +386,8 @@ class Demo:
                 for member in self.members:
                     tg.start_soon(self._traffic, member)
                 tg.start_soon(self._read_keys)
-                if self.args.kill_region:
-                    outage = next(m for m in self.members if m.name == self.args.kill_region)
+                if self.options.kill_region:
+                    outage = next(m for m in self.members if m.name == self.options.kill_region)
                     tg.start_soon(self._outage, outage)
                 await self._refresh(collector)
                 tg.cancel_scope.cancel()
@@ -370,13 +398,14 @@ class Demo:
 
     async def _refresh(self, collector: LagCollector) -> None:
         """Redraw the table every second; return when ``--duration`` is over."""
-        duration = self.args.duration
+        duration = self.options.duration
         frame = 0
         while True:
             self.last = await collector.collect()
             stale = await self._stale_keys()
             self._note_exits()
-            self.screen.draw(self._frame(self.last, stale))
+            self.last_frame = self._frame(self.last, stale)
+            self._draw()
             frame += 1
             elapsed = time.monotonic() - self.started_at
             if duration is not None and elapsed >= duration:
@@ -386,12 +415,22 @@ class Demo:
                 next_frame = min(next_frame, duration)
             await anyio.sleep(max(0.0, next_frame - elapsed))
 
+    def _draw(self) -> None:
+        """Redraw on a terminal; otherwise print a table now and then (a log stays short)."""
+        now = time.monotonic()
+        if self.screen.live:
+            self.screen.draw(self.last_frame)
+        elif self.printed_at is None or now - self.printed_at >= QUIET_REFRESH_S:
+            self.screen.draw(self.last_frame)
+            self.printed_at = now
+
     def _frame(self, snapshot: Snapshot, stale: dict[str, str]) -> list[str]:
         elapsed = int(time.monotonic() - self.started_at)
         screen = self.screen
         title = (
             f"invalgw demo · {len(self.members)} regions · "
-            f"{self.args.rate:,.0f} invalidations/s per region · {elapsed // 60}:{elapsed % 60:02d}"
+            f"{self.options.rate:,.0f} invalidations/s per region · "
+            f"{elapsed // 60}:{elapsed % 60:02d}"
         )
         interactive = screen.live and sys.stdin.isatty()
         hint = "Ctrl-C stops everything"
@@ -450,7 +489,7 @@ class Demo:
 
     async def _traffic(self, member: Member) -> None:
         """Play the region's services: cache keys everywhere, then invalidate them here."""
-        rate = float(self.args.rate)
+        rate = float(self.options.rate)
         per_tick = max(1, int(rate * TRAFFIC_TICK_S))
         invalidator = Invalidator(
             self.clients[member.name],
@@ -499,9 +538,9 @@ class Demo:
                         self._toggle_soon(self.members[int(key) - 1])
 
     async def _outage(self, member: Member) -> None:
-        await anyio.sleep(self.args.after)
+        await anyio.sleep(self.options.after)
         await self._toggle(member)
-        await anyio.sleep(self.args.down_for)
+        await anyio.sleep(self.options.down_for)
         await self._toggle(member)
 
     def _toggle_soon(self, member: Member) -> None:
@@ -534,6 +573,8 @@ class Demo:
 
     async def _stop(self) -> list[str]:
         """Stop the gateways (they drain), then the Redis servers; say which gateways failed."""
+        if not self.screen.live and self.last_frame and self.printed_at is not None:
+            self.screen.draw(self.last_frame)  # the final state, for the record
         self.screen.release()
         if self.last is not None:
             self.screen.say()
@@ -557,8 +598,8 @@ class Demo:
         async with anyio.create_task_group() as tg:
             for server in servers:
                 tg.start_soon(anyio.to_thread.run_sync, server.stop)
-        if self.args.json and self.last is not None:
-            await anyio.Path(self.args.json).write_bytes(render_json(self.last))
+        if self.options.json and self.last is not None:
+            await anyio.Path(self.options.json).write_bytes(render_json(self.last))
         self.screen.say(f"Stopped. Logs are in {self.workdir}/")
         return [
             f"the gateway of {member.name} {member.gateway_label()}; see {self._log_path(member)}"

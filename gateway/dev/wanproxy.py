@@ -37,6 +37,7 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from invalgw.cliargs import bind
 from invalgw.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -516,6 +517,23 @@ def send_command(address: tuple[str, int], command: str, *, timeout_s: float = 5
 # -- command line ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WanProxyOptions:
+    listen: tuple[str, int]
+    target: tuple[str, int]
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    control: tuple[str, int] | None = None
+    connect_timeout_ms: float = 5000.0
+    max_connections: int = 512
+
+
+@dataclass(frozen=True)
+class WanProxyCtlOptions:
+    control: tuple[str, int]
+    words: tuple[str, ...]
+
+
 def add_parser(commands: Any) -> None:
     proxy = commands.add_parser(
         "wan-proxy",
@@ -524,10 +542,32 @@ def add_parser(commands: Any) -> None:
         "direction, and blackhole, reset or refuse them on command (see --control). "
         "Runs until SIGTERM/SIGINT.",
     )
-    proxy.add_argument("--listen", required=True, type=address, metavar="HOST:PORT")
-    proxy.add_argument("--target", required=True, type=address, metavar="HOST:PORT")
-    proxy.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay, each direction")
-    proxy.add_argument("--jitter-ms", type=float, default=0.0, help="± uniform jitter per chunk")
+    proxy.add_argument(
+        "--listen",
+        required=True,
+        type=address,
+        metavar="HOST:PORT",
+        help="where clients (a gateway) connect, e.g. 127.0.0.1:7001",
+    )
+    proxy.add_argument(
+        "--target",
+        required=True,
+        type=address,
+        metavar="HOST:PORT",
+        help="where connections go on to (the peer region's Redis)",
+    )
+    proxy.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="one-way delay in milliseconds, each direction (default: 0)",
+    )
+    proxy.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=0.0,
+        help="± uniform jitter per chunk, milliseconds (default: 0)",
+    )
     proxy.add_argument(
         "--control",
         type=address,
@@ -535,18 +575,40 @@ def add_parser(commands: Any) -> None:
         help="accept commands here, one line per connection (the reply closes it): "
         + CONTROL_COMMANDS,
     )
-    proxy.add_argument("--connect-timeout-ms", type=float, default=5000.0)
-    proxy.add_argument("--max-connections", type=int, default=512)
-    proxy.set_defaults(command=cmd_wan_proxy)
+    proxy.add_argument(
+        "--connect-timeout-ms",
+        type=float,
+        default=5000.0,
+        help="give up connecting to --target after this many milliseconds; the client's "
+        "connection is then closed (default: 5000)",
+    )
+    proxy.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="connections open at once; more are refused (default: 512)",
+    )
+    bind(proxy, cmd_wan_proxy, WanProxyOptions)
 
     control = commands.add_parser(
         "wan-proxy-ctl",
         help="tell a running wan-proxy to delay, blackhole, reset, refuse or heal",
         description=f"Commands: {CONTROL_COMMANDS}.",
     )
-    control.add_argument("--control", required=True, type=address, metavar="HOST:PORT")
-    control.add_argument("words", nargs="+", metavar="COMMAND")
-    control.set_defaults(command=cmd_wan_proxy_ctl)
+    control.add_argument(
+        "--control",
+        required=True,
+        type=address,
+        metavar="HOST:PORT",
+        help="the running proxy's --control address",
+    )
+    control.add_argument(
+        "words",
+        nargs="+",
+        metavar="COMMAND",
+        help=f"the command and its arguments: {CONTROL_COMMANDS}",
+    )
+    bind(control, cmd_wan_proxy_ctl, WanProxyCtlOptions)
 
 
 def address(text: str) -> tuple[str, int]:
@@ -557,21 +619,21 @@ def address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def cmd_wan_proxy(args: argparse.Namespace) -> int:
+def cmd_wan_proxy(options: WanProxyOptions) -> int:
     proxy = WanProxy(
-        *args.target,
-        listen_host=args.listen[0],
-        listen_port=args.listen[1],
-        delay_ms=args.delay_ms,
-        jitter_ms=args.jitter_ms,
-        connect_timeout_s=args.connect_timeout_ms / 1000,
-        max_connections=args.max_connections,
+        *options.target,
+        listen_host=options.listen[0],
+        listen_port=options.listen[1],
+        delay_ms=options.delay_ms,
+        jitter_ms=options.jitter_ms,
+        connect_timeout_s=options.connect_timeout_ms / 1000,
+        max_connections=options.max_connections,
     )
     try:
         proxy.listen()
     except OSError as exc:
-        raise GatewayError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc}") from None
-    return anyio.run(_run_until_signal, proxy, args.control)
+        raise GatewayError(f"cannot listen on {_show(options.listen)}: {exc}") from None
+    return anyio.run(_run_until_signal, proxy, options.control)
 
 
 async def _run_until_signal(proxy: WanProxy, control: tuple[str, int] | None) -> int:
@@ -588,11 +650,13 @@ async def _run_until_signal(proxy: WanProxy, control: tuple[str, int] | None) ->
     return 0
 
 
-def cmd_wan_proxy_ctl(args: argparse.Namespace) -> int:
+def cmd_wan_proxy_ctl(options: WanProxyCtlOptions) -> int:
     try:
-        reply = send_command(args.control, " ".join(args.words))
+        reply = send_command(options.control, " ".join(options.words))
     except OSError as exc:
-        raise GatewayError(f"no wan-proxy control port at {_show(args.control)}: {exc}") from None
+        raise GatewayError(
+            f"no wan-proxy control port at {_show(options.control)}: {exc}"
+        ) from None
     print(reply)
     return 0 if reply.startswith("ok") else 1
 

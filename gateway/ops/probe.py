@@ -12,21 +12,23 @@ Results are also exported as Prometheus metrics (``invalgw_probe_*``).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.asyncio.cluster import RedisCluster
 
+from invalgw.cliargs import bind
 from invalgw.config import RegionConfig, load_config
 from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect, connect_cache
-from invalgw.metrics import LAG_BUCKETS
+from invalgw.metrics import LAG_BUCKETS, process_registry
 from invalgw.producer import Invalidator
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,9 @@ class ProbeMetrics:
         self.slo_ratio = Gauge(
             "invalgw_probe_slo_ratio",
             "Fraction of probes in the window whose invalidation was gone everywhere in time.",
-            ["threshold", "window"],
+            ["threshold_seconds", "window_seconds"],
             registry=registry,
-        ).labels(format_duration(threshold_s), format_duration(window_s))
+        ).labels(f"{threshold_s:g}", f"{window_s:g}")
 
 
 class Prober:
@@ -143,7 +145,7 @@ class Prober:
         self.threshold_s = threshold_s
         self.timeout_s = timeout_s
         self.window = SloWindow(window_s)
-        self.registry = registry or CollectorRegistry()
+        self.registry = process_registry(registry)
         self.metrics = ProbeMetrics(self.registry, threshold_s, window_s)
         self.streams: dict[str, AsyncRedis] = {
             config.region: connect(config.redis, name=f"invalgw:probe:{config.region}")
@@ -217,7 +219,14 @@ class Prober:
             return None
         return time.monotonic() - started
 
-    async def run(self, *, interval_s: float, rounds: int | None, report_every_s: float) -> None:
+    async def run(
+        self,
+        *,
+        interval_s: float,
+        rounds: int | None,
+        report_every_s: float,
+        report: Callable[[Prober], None] | None = None,
+    ) -> None:
         origins = itertools.cycle(self.configs)
         last_report = time.monotonic()
         done = 0
@@ -226,9 +235,37 @@ class Prober:
             await self.probe_once(next(origins))
             done += 1
             if time.monotonic() - last_report >= report_every_s or done == rounds:
-                print(self.window.statement(self.threshold_s), flush=True)
+                if report is None:
+                    print(self.window.statement(self.threshold_s), flush=True)
+                else:
+                    report(self)
                 last_report = time.monotonic()
             await anyio.sleep(max(0.0, interval_s - (time.monotonic() - round_started)))
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    config: tuple[str, ...]
+    interval_ms: int = 1000
+    threshold_ms: int = 250
+    window_s: int = 600
+    timeout_s: float = 30.0
+    rounds: int | None = None
+    report_every_s: float = 10.0
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    json: bool = False
+
+
+class SloReport(msgspec.Struct, kw_only=True):
+    """What ``probe --json`` prints, one object per line."""
+
+    statement: str
+    ratio: float | None
+    threshold_seconds: float
+    window_seconds: float
+    probes: int
+    failures: int
 
 
 def add_parser(commands: Any) -> None:
@@ -238,7 +275,8 @@ def add_parser(commands: Any) -> None:
         description=(
             "Cache a canary key in every region, invalidate it from one region (one XADD, like "
             "any producer) and time how long until it is gone in every region, rotating the "
-            "origin; print the SLO over a sliding window and export it to Prometheus."
+            "origin; print the SLO over a sliding window and export it to Prometheus. Exits 1 "
+            "if a canary was not gone everywhere within --timeout-s."
         ),
     )
     parser.add_argument(
@@ -248,42 +286,77 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="a region file; give one per region (e.g. --config regions/us-east.toml ...)",
     )
-    parser.add_argument("--interval-ms", type=int, default=1000, help="between rounds (1000)")
-    parser.add_argument("--threshold-ms", type=int, default=250, help="the SLO's time bound (250)")
-    parser.add_argument("--window-s", type=int, default=600, help="the SLO's window (600)")
     parser.add_argument(
-        "--timeout-s", type=float, default=30.0, help="give a canary up this long (30)"
+        "--interval-ms", type=int, default=1000, help="milliseconds between rounds (1000)"
+    )
+    parser.add_argument(
+        "--threshold-ms", type=int, default=250, help="the SLO's time bound, milliseconds (250)"
+    )
+    parser.add_argument("--window-s", type=int, default=600, help="the SLO's window, seconds (600)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=30.0, help="give a canary up to this many seconds (30)"
     )
     parser.add_argument("--rounds", type=int, help="stop after this many rounds (default: never)")
     parser.add_argument(
-        "--report-every-s", type=float, default=10.0, help="print the SLO statement this often"
+        "--report-every-s",
+        type=float,
+        default=10.0,
+        help="print the SLO statement this often, seconds (10)",
     )
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
-    parser.set_defaults(command=cmd_probe)
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port"
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics port listens on (127.0.0.1; 0.0.0.0 in a container)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print each report as one JSON object per line instead of a sentence",
+    )
+    bind(parser, cmd_probe, ProbeOptions)
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    configs = [load_config(path) for path in args.config]
-    return anyio.run(_probe, configs, args)
+def cmd_probe(options: ProbeOptions) -> int:
+    configs = [load_config(path) for path in options.config]
+    return anyio.run(_probe, configs, options)
 
 
-async def _probe(configs: list[RegionConfig], args: argparse.Namespace) -> int:
+async def _probe(configs: list[RegionConfig], options: ProbeOptions) -> int:
     prober = Prober(
         configs,
-        threshold_s=args.threshold_ms / 1000,
-        window_s=args.window_s,
-        timeout_s=args.timeout_s,
+        threshold_s=options.threshold_ms / 1000,
+        window_s=options.window_s,
+        timeout_s=options.timeout_s,
     )
-    if args.metrics_port:
-        start_http_server(args.metrics_port, args.metrics_host, registry=prober.registry)
+    if options.metrics_port:
+        start_http_server(options.metrics_port, options.metrics_host, registry=prober.registry)
     try:
         await prober.run(
-            interval_s=args.interval_ms / 1000,
-            rounds=args.rounds,
-            report_every_s=args.report_every_s,
+            interval_s=options.interval_ms / 1000,
+            rounds=options.rounds,
+            report_every_s=options.report_every_s,
+            report=_json_report if options.json else _sentence,
         )
     finally:
         with anyio.move_on_after(2, shield=True):
             await prober.aclose()
     return 1 if prober.failures else 0
+
+
+def _sentence(prober: Prober) -> None:
+    print(prober.window.statement(prober.threshold_s), flush=True)
+
+
+def _json_report(prober: Prober) -> None:
+    report = SloReport(
+        statement=prober.window.statement(prober.threshold_s),
+        ratio=prober.window.ratio_within(prober.threshold_s),
+        threshold_seconds=prober.threshold_s,
+        window_seconds=prober.window.window_s,
+        probes=len(prober.window),
+        failures=prober.failures,
+    )
+    print(msgspec.json.encode(report).decode(), flush=True)
