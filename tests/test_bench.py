@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from invalgw.config import parse_config
+from invalgw.dev.bench import split
 from invalgw.dev.benchload import keys_of, pace
 from invalgw.dev.benchrig import BATCHED, REGIONS, STREAM, Mesh, region_toml
 from invalgw.dev.benchstats import (
@@ -165,6 +166,7 @@ def test_summaries_compare_with_the_batched_baseline_and_check_targets() -> None
     assert per_peer.detail.startswith("1.5 us")
     assert targets["wan-latency, eu-west: p50 <= 30 ms, p99 <= 40 ms, none missing"].met
     assert "wan-latency, us-east: p50 <= 30 ms, p99 <= 40 ms, none missing" not in targets
+    assert targets["wan-latency: the origin's gateway at 2,000/s uses <= 0.15 of a core"].met
     report = Report(
         command="invalgw bench",
         machine=Machine(
@@ -203,6 +205,11 @@ def test_keys_follow_debug_populate_names() -> None:
     assert keys_of("p", 0) == ("p:0", "p:1")
     assert keys_of("p", 7) == ("p:14", "p:15")
     assert keys_of("p", 2, 3) == ("p:6", "p:7", "p:8")
+
+
+def test_all_origins_share_the_invalidations() -> None:
+    assert split(100_000, 3) == [33_334, 33_333, 33_333]
+    assert split(2, 5) == [1, 1, 1, 1, 1]  # at least one each
 
 
 def test_batched_forwarder_invalidates_every_key_in_every_region(tmp_path: Path) -> None:

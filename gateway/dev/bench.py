@@ -331,21 +331,25 @@ def measure_throughput(
 ) -> Run:
     per = scenario.keys
     origins = list(mesh.regions if scenario.all_origins else mesh.regions[:1])
-    each = max(1, n // len(origins))
+    shares = split(n, len(origins))
     prefixes = {origin: f"tp-{origin}" for origin in origins}
-    progress.step(f"creating {each * len(origins) * per:,} keys per region")
+    progress.step(f"creating {n * per:,} keys per region")
     for region in mesh.regions:
-        for prefix in prefixes.values():
-            populate(mesh.port(region), prefix, each * per, use_debug=mesh.debug_populate)
+        for prefix, share in zip(prefixes.values(), shares, strict=True):
+            populate(mesh.port(region), prefix, share * per, use_debug=mesh.debug_populate)
     loads = {
-        mesh.port(origin): xadd_commands(STREAM, prefix, each, per)
-        for origin, prefix in prefixes.items()
+        mesh.port(origin): xadd_commands(STREAM, prefix, share, per)
+        for (origin, prefix), share in zip(prefixes.items(), shares, strict=True)
     }
-    total = each * len(origins)
+    total = sum(shares)
     progress.step(f"{total:,} invalidations")
     before = mesh.cpu_times()
     start, _produced = produce_together(loads)
-    last = [key for prefix in prefixes.values() for key in keys_of(prefix, each - 1, per)]
+    last = [
+        key
+        for prefix, share in zip(prefixes.values(), shares, strict=True)
+        for key in keys_of(prefix, share - 1, per)
+    ]
     gone = _wait_gone(mesh, last, timeout_s=max(60.0, total / 1000))
     after = mesh.cpu_times()
     missing = {
@@ -356,6 +360,11 @@ def measure_throughput(
     return _result(
         mesh, scenario, system, origins, total, seconds, cpu_used(before, after), missing
     )
+
+
+def split(n: int, parts: int) -> list[int]:
+    """``n`` in ``parts`` shares that differ by at most one (each at least one)."""
+    return [max(1, n // parts + (1 if index < n % parts else 0)) for index in range(parts)]
 
 
 def measure_latency(
