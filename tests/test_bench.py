@@ -87,7 +87,8 @@ def test_a_producer_stall_shows_up_as_latency() -> None:
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    scheduled, elapsed = pace(send, 2000, 1000.0, clock=lambda: now[0], sleep=sleep)
+    scheduled, elapsed, late = pace(send, 2000, 1000.0, clock=lambda: now[0], sleep=sleep)
+    assert late > 0.099  # the producer knows it fell behind, and by how much
     assert scheduled[0] == 0.0
     assert scheduled[1999] == pytest.approx(1.999)
     assert elapsed >= 1.999
@@ -308,6 +309,7 @@ def test_small_run_reports_json_for_every_scenario_and_leaves_nothing_running(
             assert set(run["latency"]) == set(regions)
             assert run["latency"]["eu-west"]["count"] == (200 if scenario == "latency" else 100)
             assert run["offered_rate"] == (400 if scenario == "latency" else 200)
+            assert run["producer_late_ms"] >= 0
         else:
             assert run["latency"] == {}
     assert runs[("all-origins", "gateway")]["origins"] == list(REGIONS[:3])

@@ -380,7 +380,7 @@ def measure_latency(
     subscribers = mesh.start_subscribers(prefix, per)
     progress.step(f"{total:,} invalidations at {rate:,.0f}/s")
     before = mesh.cpu_times()
-    scheduled, elapsed = produce_paced(mesh.port(mesh.origin), commands, rate)
+    scheduled, elapsed, late = produce_paced(mesh.port(mesh.origin), commands, rate)
     after = mesh.cpu_times()
     with contextlib.suppress(TimeoutError):  # what never went is counted as missing below
         _wait_gone(mesh, keys_of(prefix, total - 1, per), timeout_s=30)
@@ -399,7 +399,9 @@ def measure_latency(
     result = _result(
         mesh, scenario, system, [mesh.origin], total, elapsed, cpu_used(before, after), missing
     )
-    return msgspec.structs.replace(result, latency=latency, offered_rate=rate)
+    return msgspec.structs.replace(
+        result, latency=latency, offered_rate=rate, producer_late_ms=late * 1000
+    )
 
 
 def _result(

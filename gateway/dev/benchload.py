@@ -166,32 +166,36 @@ def pace(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
     """Call ``send(first, end)`` for entries ``first`` .. ``end-1`` as they fall due at ``rate``
-    per second; returns every entry's *scheduled* send time and the run's length.
+    per second; returns every entry's *scheduled* send time, the run's length, and how late the
+    producer was at worst (seconds from an entry falling due to its write starting).
 
     Whenever the producer gets to run, everything due by then goes out in one ``send``. If it
     falls behind (a stall, a slow reply), the late entries still carry their scheduled times, so
     the delay shows in the latency measured from them instead of vanishing from it.
     """
     start = clock()
-    sent = 0
+    sent, late = 0, 0.0
     while sent < count:
         now, due = clock(), sent
         while due < count and start + due / rate <= now:  # the same sum as the pause below
             due += 1
         if due > sent:
+            late = max(late, now - (start + sent / rate))
             send(sent, due)
             sent = due
         pause = start + sent / rate - clock()
         if pause > 0:
             sleep(max(pause, 0.0005))
-    return schedule(start, rate, count), clock() - start
+    return schedule(start, rate, count), clock() - start, late
 
 
-def produce_paced(port: int, commands: Sequence[bytes], rate: float) -> tuple[list[float], float]:
-    """Send ``commands`` at ``rate`` per second (:func:`pace`); their scheduled send times and
-    the run's length."""
+def produce_paced(
+    port: int, commands: Sequence[bytes], rate: float
+) -> tuple[list[float], float, float]:
+    """Send ``commands`` at ``rate`` per second (:func:`pace`); their scheduled send times, the
+    run's length, and the producer's worst lateness."""
     conn = RawConnection(port)
 
     def send(first: int, end: int) -> None:

@@ -76,6 +76,9 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     """Paced runs: from each invalidation's scheduled XADD to its keys gone, by region."""
     missing: dict[str, int] = {}
     """Invalidations whose keys were not all seen gone in that region (should be 0)."""
+    producer_late_ms: float | None = None
+    """Paced runs: the longest the producer fell behind its schedule. The latency includes it
+    (it counts from the schedule); large values mean the machine starved the producer."""
 
 
 class Summary(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +95,7 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     latency: dict[str, Percentiles]
     missing: dict[str, int]
     """Summed over the rounds."""
+    producer_late_ms: float | None = None
     cpu_vs_batched: float | None = None
     """Total CPU per invalidation / the batched baseline's, in the same scenario."""
     rate_vs_batched: float | None = None
@@ -238,6 +242,10 @@ def _summary(runs: Sequence[Run]) -> Summary:
         missing={
             region: sum(run.missing.get(region, 0) for run in runs) for region in first.regions
         },
+        producer_late_ms=max(
+            (run.producer_late_ms for run in runs if run.producer_late_ms is not None),
+            default=None,
+        ),
     )
 
 
@@ -398,7 +406,8 @@ def render(report: Report) -> str:
             "",
             f"Latency: ms from each invalidation's scheduled XADD to its keys gone{median}",
             "  origin core: share of one core the origin's process used while the producer ran;",
-            "  CPU all: microseconds per invalidation of every process and redis-server, as above",
+            "  CPU all: microseconds per invalidation of every process and redis-server, as above;",
+            "  producer late: ms the producer fell behind its schedule at worst (in the latency)",
         ]
         lines += _table(_LATENCY_HEADER, [row for s in paced for row in _latency_rows(s, by_name)])
     if report.targets:
@@ -434,6 +443,7 @@ _LATENCY_HEADER = [
     "missing",
     "origin core",
     "CPU all",
+    "producer late",
 ]
 
 
@@ -474,6 +484,7 @@ def _latency_rows(summary: Summary, scenarios: dict[str, Scenario]) -> list[list
                 str(summary.missing.get(region, 0)),
                 _share(summary.origin_core_share) if first else "",
                 f"{summary.cpu_us.get(TOTAL, math.nan):.1f}" if first else "",
+                _late(summary.producer_late_ms) if first else "",
             ]
         )
     return rows
@@ -485,6 +496,10 @@ def _scenario_label(scenario: Scenario) -> str:
 
 def _times(ratio: float | None) -> str:
     return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def _late(ms: float | None) -> str:
+    return "" if ms is None else f"{ms:.1f}"
 
 
 def _share(share: float | None) -> str:
