@@ -345,3 +345,13 @@ def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
     assert bench.returncode == 2
     assert "unknown scenario fastest" in err
     assert "wan-latency" in err
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="looks for leftovers in /proc")
+def test_a_failed_run_says_why_and_leaves_nothing_running(tmp_path: Path) -> None:
+    bench = _bench(tmp_path, "--scenario", "one-origin", "--n", "100", "--batch-size", "0")
+    _out, err = bench.communicate(timeout=120)
+    assert bench.returncode == 1
+    assert "gateway-us-east exited" in err
+    assert "batch_size" in err  # the gateway's own complaint, from its log
+    assert _processes_under(str(tmp_path)) == []

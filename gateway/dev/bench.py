@@ -50,6 +50,7 @@ from invalgw.dev.benchload import (
 from invalgw.dev.benchrig import (
     BATCHED,
     GATEWAY,
+    NAIVE,
     STREAM,
     SYSTEMS,
     Mesh,
@@ -255,6 +256,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("invalgw bench: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
+    except (RuntimeError, TimeoutError, redis.RedisError, OSError) as exc:
+        print(f"invalgw bench: a run failed, nothing is left running: {exc}", file=sys.stderr)
+        return 1
     finally:
         undo()
     if args.json is not None:
@@ -318,7 +322,7 @@ def run_once(
         progress.step("starting")
         mesh.start_system(system, profile_dir=args.profile if system == GATEWAY else None)
         if scenario.rate is None:
-            n = min(args.n, args.naive_n) if system == "naive" else args.n
+            n = min(args.n, args.naive_n) if system == NAIVE else args.n
             result = measure_throughput(mesh, scenario, system, n, progress)
         else:
             result = measure_latency(mesh, scenario, system, args, progress)
