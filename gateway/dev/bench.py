@@ -1,15 +1,17 @@
-"""``invalgw bench``: throughput and latency of the gateway against a naive forwarder, one run.
+"""``invalgw bench``: the gateway's throughput, CPU cost and latency, against a batched forwarder.
 
-It starts three regions on this host (three ``redis-server`` processes on free ports) and runs
-each system under test as three OS processes, one per region: first the gateways, then the naive
-per-event forwarder (:mod:`invalgw.dev.naive`, the baseline). For each it measures, with every
-invalidation removing two keys and produced into the origin region (us-east):
+Every scenario runs each system in turn on fresh local ``redis-server``s (one per region, nothing
+persisted), one OS process per region: the gateways (``invalgw run``) and, as the yardstick, the
+batched forwarder a competent engineer would write by hand (:mod:`invalgw.dev.batched`: per
+region, read 500 entries, one multi-key UNLINK on each peer, one UNLINK + XACK locally; no
+mirror streams, dedup, gap detection or heartbeats). Rounds alternate which system goes first.
 
-- **latency**: a paced producer offers ``--rate`` invalidations per second for ``--duration``
-  seconds; a subscriber per region records when each key's ``del`` keyspace event arrives.
-  Latency = that time - the producer's XADD time, both on this host's monotonic clock.
-- **throughput**: ``--invalidations`` N are XADDed by a pipelined producer as fast as it can;
-  the clock runs from the first XADD until the keys are gone in every region.
+Throughput scenarios produce ``--n`` invalidations as fast as a pipelined producer can and time
+them from the first XADD until every key is gone in every region; CPU is the user + system time
+of every gateway or forwarder and every redis-server over that interval. Paced scenarios offer
+a fixed rate and record, per region, when each invalidation's keys are deleted (keyspace
+events), counting latency from the moment each XADD was *scheduled*, so a stalled producer
+shows up as latency instead of hiding it.
 
 Everything it starts is stopped on exit, on Ctrl-C and on SIGTERM.
 """
@@ -17,153 +19,192 @@ Everything it starts is stopped on exit, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
-import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import redis
 
 from invalgw.cliargs import bind
 from invalgw.dev.benchload import (
     DEL_EVENTS,
     STOP,
-    count_left,
     keys_of,
+    left_invalidations,
     populate,
-    produce_all,
     produce_paced,
+    produce_together,
     read_gone,
     wait_gone,
     xadd_commands,
 )
 from invalgw.dev.benchrig import (
-    REGIONS,
+    BATCHED,
+    GATEWAY,
+    NAIVE,
     STREAM,
-    Child,
-    Rig,
+    SYSTEMS,
+    Mesh,
     interrupt_on_sigterm,
     redis_server_version,
 )
 from invalgw.dev.benchstats import (
-    GATEWAY,
-    NAIVE,
-    Latency,
     Machine,
     Report,
-    SystemResult,
-    Throughput,
+    Run,
+    Scenario,
     check_targets,
-    compare,
+    cpu_per_invalidation,
+    cpu_used,
     gone_latencies,
     render,
     summarise,
+    summarise_runs,
 )
 
-log = logging.getLogger(__name__)
+SCENARIO_NAMES = ("one-origin", "all-origins", "five-regions", "ten-keys", "wan-latency", "latency")
+DESCRIPTION = """\
+Measure the gateway against a hand-rolled batched forwarder on local regions (fresh
+redis-servers on this host for every run): CPU time per invalidation of every process,
+invalidations per second, and latency from XADD to keys gone in each peer region.
 
-NAIVE_INVALIDATIONS = 20_000
+Scenarios (--scenario, comma-separated; all by default):
+  one-origin     3 regions, one of them producing, 2 keys per invalidation
+  all-origins    3 regions, all producing at once (--n split between them)
+  five-regions   5 regions, one producing: what each added peer costs
+  ten-keys       3 regions, one producing, 10 keys per invalidation
+  wan-latency    3 regions behind a loopback WAN proxy (--delay-ms each way),
+                 paced at --wan-rate: latency to each peer
+  latency        3 regions, no delay, paced at --rate: latency to each peer
+
+Every scenario runs each system (--systems) on its own fresh servers, rounds alternating
+which system goes first. A table goes to stdout; --json FILE writes every run and the
+medians for machines. The defaults take about 3 minutes on a 2-core machine."""
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    invalidations: int = 200_000
-    naive_invalidations: int = NAIVE_INVALIDATIONS
+    """``invalgw bench``'s options (the parser's dest names)."""
+
+    scenario: str = ",".join(SCENARIO_NAMES)
+    systems: str = f"{GATEWAY},{BATCHED}"
+    n: int = 100_000
+    naive_n: int = 10_000
     rate: float = 5000
-    duration: float = 10
+    wan_rate: float = 2000
+    delay_ms: float = 25
+    duration: float = 5
     warmup: float = 1
-    skip_naive: bool = False
-    skip_latency: bool = False
-    skip_throughput: bool = False
+    rounds: int = 1
     batch_size: int | None = None
     json: str | None = None
     profile: Path | None = None
     keep: bool = False
 
 
-DESCRIPTION = """\
-Measure the gateway on this machine, against a naive forwarder (one command per event per
-region) as the baseline. It starts three regions here (three redis-server processes on free
-ports), runs each system as three processes, one per region, and measures two things, with
-every invalidation removing two keys and written in the region us-east:
-
-  latency     a producer offers --rate invalidations per second for --duration seconds;
-              the time from each XADD until its keys are gone in each peer region.
-  throughput  --invalidations are written as fast as possible; how many per second are
-              gone in all three regions.
-
-Progress goes to stderr (one line per phase); the report to stdout. Everything it starts is
-stopped when it ends, on Ctrl-C and on SIGTERM.
-"""
-
-
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "bench",
-        help="measure throughput and latency on a local 3-region set-up, against a naive forwarder",
+        help="measure CPU per invalidation, throughput and latency against a batched forwarder",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--invalidations",
-        type=int,
-        default=200_000,
-        metavar="N",
-        help="throughput run: invalidations to produce as fast as possible (default 200000)",
+        "--scenario",
+        default=",".join(SCENARIO_NAMES),
+        metavar="NAMES",
+        help="comma-separated scenarios to run (default: all of them)",
     )
     parser.add_argument(
-        "--naive-invalidations",
+        "--systems",
+        default=f"{GATEWAY},{BATCHED}",
+        metavar="NAMES",
+        help="comma-separated systems to measure: gateway, batched, naive (a per-event "
+        "forwarder, some 25 times slower; its throughput runs are cut to --naive-n) "
+        "(default: gateway,batched)",
+    )
+    parser.add_argument(
+        "--n",
         type=int,
-        default=NAIVE_INVALIDATIONS,
+        default=100_000,
         metavar="N",
-        help="throughput run of the naive baseline: at most this many, as it is some 20 times "
-        f"slower (default {NAIVE_INVALIDATIONS})",
+        help="invalidations per throughput run (default 100000)",
+    )
+    parser.add_argument(
+        "--naive-n",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="at most this many per throughput run of the naive forwarder (default 10000)",
     )
     parser.add_argument(
         "--rate",
         type=float,
         default=5000,
         metavar="R",
-        help="latency run: invalidations offered per second (default 5000)",
+        help="latency scenario: invalidations offered per second (default 5000)",
+    )
+    parser.add_argument(
+        "--wan-rate",
+        type=float,
+        default=2000,
+        metavar="R",
+        help="wan-latency scenario: invalidations offered per second (default 2000)",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=25,
+        metavar="MS",
+        help="wan-latency scenario: one-way delay on every link between regions (default 25)",
     )
     parser.add_argument(
         "--duration",
         type=float,
-        default=10,
+        default=5,
         metavar="S",
-        help="latency run: seconds measured at --rate, after the warm-up (default 10)",
+        help="paced scenarios: seconds measured, after the warm-up (default 5)",
     )
     parser.add_argument(
         "--warmup",
         type=float,
         default=1,
         metavar="S",
-        help="latency run: seconds at --rate before measuring (default 1)",
+        help="paced scenarios: seconds offered before measuring (default 1)",
     )
-    parser.add_argument("--skip-naive", action="store_true", help="measure the gateway only")
-    parser.add_argument("--skip-latency", action="store_true", help="throughput only")
-    parser.add_argument("--skip-throughput", action="store_true", help="latency only")
     parser.add_argument(
-        "--batch-size", type=int, metavar="N", help="gateway.batch_size (default: the config's)"
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run every scenario K times per system, interleaved; the table shows medians "
+        "(default 1)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", help="the gateways' batch_size (default: theirs)"
     )
     parser.add_argument(
         "--json",
-        nargs="?",
-        const="-",
         metavar="FILE",
-        help="write the report as JSON to FILE; with no FILE, print JSON instead of the table",
+        help="also write the report (every run, the medians, the targets) as JSON to FILE; "
+        "with -, print the JSON instead of the table",
     )
     parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
-        help="run the gateways under cProfile, writing DIR/gateway-<region>.pstats",
+        help="run the gateways under cProfile, writing one .pstats file per run and region",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (configs, logs) afterwards"
@@ -171,21 +212,75 @@ def add_parser(commands: Any) -> None:
     bind(parser, cmd_bench, BenchOptions)
 
 
+def scenarios(args: BenchOptions) -> list[Scenario]:
+    """The scenarios ``args`` pick, in the order they were named."""
+    known = {
+        "one-origin": Scenario(
+            name="one-origin", description="3 regions, one producing", regions=3
+        ),
+        "all-origins": Scenario(
+            name="all-origins", description="3 regions, all producing", regions=3, all_origins=True
+        ),
+        "five-regions": Scenario(
+            name="five-regions", description="5 regions, one producing", regions=5
+        ),
+        "ten-keys": Scenario(
+            name="ten-keys", description="3 regions, 10 keys per invalidation", regions=3, keys=10
+        ),
+        "wan-latency": Scenario(
+            name="wan-latency",
+            description=f"3 regions, {args.delay_ms:g} ms one way between them",
+            regions=3,
+            rate=args.wan_rate,
+            delay_ms=args.delay_ms,
+        ),
+        "latency": Scenario(
+            name="latency", description="3 regions, paced", regions=3, rate=args.rate
+        ),
+    }
+    picked = [name.strip() for name in args.scenario.split(",") if name.strip()]
+    unknown = [name for name in picked if name not in known]
+    if unknown or not picked:
+        raise ValueError(
+            f"unknown scenario {', '.join(unknown) or '(none given)'}; "
+            f"pick from {', '.join(SCENARIO_NAMES)}"
+        )
+    return [known[name] for name in dict.fromkeys(picked)]
+
+
+def systems(args: BenchOptions) -> list[str]:
+    picked = list(dict.fromkeys(name.strip() for name in args.systems.split(",") if name.strip()))
+    unknown = [name for name in picked if name not in SYSTEMS]
+    if unknown or not picked:
+        raise ValueError(
+            f"unknown system {', '.join(unknown) or '(none given)'}; pick from {', '.join(SYSTEMS)}"
+        )
+    return picked
+
+
 def cmd_bench(args: BenchOptions) -> int:
-    if args.warmup < 0:
-        print("invalgw bench: --warmup must not be negative", file=sys.stderr)
-        return 2
-    for name in ("invalidations", "naive_invalidations", "rate", "duration"):
+    for name in ("n", "naive_n", "rate", "wan_rate", "duration", "rounds"):
         if getattr(args, name) <= 0:
             print(f"invalgw bench: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    if args.warmup < 0 or args.delay_ms < 0:
+        print("invalgw bench: --warmup and --delay-ms must not be negative", file=sys.stderr)
+        return 2
+    try:
+        picked, measured = scenarios(args), systems(args)
+    except ValueError as exc:
+        print(f"invalgw bench: {exc}", file=sys.stderr)
+        return 2
     command = "invalgw " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "invalgw bench"
     undo = interrupt_on_sigterm()
     try:
-        report = run(args, command)
+        report = run(args, command, picked, measured)
     except KeyboardInterrupt:
         print("invalgw bench: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
+    except (RuntimeError, TimeoutError, redis.RedisError, OSError) as exc:
+        print(f"invalgw bench: a run failed, nothing is left running: {exc}", file=sys.stderr)
+        return 1
     finally:
         undo()
     if args.json is not None:
@@ -198,30 +293,218 @@ def cmd_bench(args: BenchOptions) -> int:
     return 0
 
 
-def run(args: BenchOptions, command: str) -> Report:
+def run(args: BenchOptions, command: str, picked: list[Scenario], measured: list[str]) -> Report:
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         args = replace(args, profile=args.profile.resolve())
-    results: dict[str, SystemResult] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="invalgw-bench-"))
+    progress = Progress(len(picked) * len(measured) * args.rounds)
     load_start = _load_average()
-    with Rig(keep=args.keep, batch_size=args.batch_size) as rig:
-        _say(f"work directory {rig.workdir}")
-        rig.start_servers()
-        systems = [GATEWAY] if args.skip_naive else [GATEWAY, NAIVE]
-        for system in systems:
-            results[system] = measure(rig, system, args)
-    origin, peers = REGIONS[0], list(REGIONS[1:])
-    gateway, naive = results[GATEWAY], results.get(NAIVE)
+    runs: list[Run] = []
+    try:
+        for round_ in range(args.rounds):
+            order = measured if round_ % 2 == 0 else measured[::-1]
+            for scenario in picked:
+                for system in order:
+                    progress.next(f"{scenario.name}, {system}")
+                    runs.append(run_once(workdir, scenario, system, round_, args, progress))
+    finally:
+        progress.done()
+        if args.keep:
+            print(f"invalgw bench: work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summaries = summarise_runs(runs)
     return Report(
         command=command,
         machine=describe_machine(),
-        origin=origin,
-        peers=peers,
-        results=results,
-        ratios=compare(gateway, naive, peers),
-        targets=check_targets(gateway, naive, peers),
+        scenarios=picked,
+        runs=runs,
+        summaries=summaries,
+        targets=check_targets(summaries, picked),
         load_average=None if load_start is None else (load_start, _load_average() or 0.0),
     )
+
+
+def run_once(
+    workdir: Path,
+    scenario: Scenario,
+    system: str,
+    round_: int,
+    args: BenchOptions,
+    progress: Progress,
+) -> Run:
+    """One system through one scenario, on servers of its own."""
+    where = workdir / f"{scenario.name}-{system}-{round_}"
+    with Mesh(
+        where, scenario.regions, delay_ms=scenario.delay_ms, batch_size=args.batch_size
+    ) as mesh:
+        progress.step("starting")
+        mesh.start_system(system, profile_dir=args.profile if system == GATEWAY else None)
+        if scenario.rate is None:
+            n = min(args.n, args.naive_n) if system == NAIVE else args.n
+            result = measure_throughput(mesh, scenario, system, n, progress)
+        else:
+            result = measure_latency(mesh, scenario, system, args, progress)
+        mesh.check_alive()
+    return msgspec.structs.replace(result, round=round_)
+
+
+def measure_throughput(
+    mesh: Mesh, scenario: Scenario, system: str, n: int, progress: Progress
+) -> Run:
+    per = scenario.keys
+    origins = list(mesh.regions if scenario.all_origins else mesh.regions[:1])
+    shares = split(n, len(origins))
+    prefixes = {origin: f"tp-{origin}" for origin in origins}
+    progress.step(f"creating {n * per:,} keys per region")
+    for region in mesh.regions:
+        for prefix, share in zip(prefixes.values(), shares, strict=True):
+            populate(mesh.port(region), prefix, share * per, use_debug=mesh.debug_populate)
+    loads = {
+        mesh.port(origin): xadd_commands(STREAM, prefix, share, per)
+        for (origin, prefix), share in zip(prefixes.items(), shares, strict=True)
+    }
+    total = sum(shares)
+    progress.step(f"{total:,} invalidations")
+    before = mesh.cpu_times()
+    start, _produced = produce_together(loads)
+    last = [
+        key
+        for prefix, share in zip(prefixes.values(), shares, strict=True)
+        for key in keys_of(prefix, share - 1, per)
+    ]
+    gone = _wait_gone(mesh, last, timeout_s=max(60.0, total / 1000))
+    after = mesh.cpu_times()
+    missing = _left(mesh, list(prefixes.values()), per)
+    if any(missing.values()):  # the last went before some earlier ones: the clock runs on
+        deadline = time.monotonic() + 30
+        while any(missing.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            missing = _left(mesh, list(prefixes.values()), per)
+        gone = dict.fromkeys(gone, time.monotonic())
+        after = mesh.cpu_times()
+    seconds = max(gone.values()) - start
+    return _result(
+        mesh, scenario, system, origins, total, seconds, cpu_used(before, after), missing
+    )
+
+
+def _left(mesh: Mesh, prefixes: list[str], per: int) -> dict[str, int]:
+    """Per region, the invalidations with a key left (a SCAN: slow, so only once the last
+    invalidation's keys are gone)."""
+    return {
+        region: sum(left_invalidations(client, prefix, per) for prefix in prefixes)
+        for region, client in mesh.clients.items()
+    }
+
+
+def split(n: int, parts: int) -> list[int]:
+    """``n`` in ``parts`` shares that differ by at most one (each at least one)."""
+    return [max(1, n // parts + (1 if index < n % parts else 0)) for index in range(parts)]
+
+
+def measure_latency(
+    mesh: Mesh, scenario: Scenario, system: str, args: BenchOptions, progress: Progress
+) -> Run:
+    rate, per, prefix = scenario.rate or args.rate, scenario.keys, "lat"
+    warmup = round(args.warmup * rate)
+    total = warmup + round(args.duration * rate)
+    for region in mesh.regions:
+        populate(mesh.port(region), prefix, total * per, use_debug=mesh.debug_populate)
+    commands = xadd_commands(STREAM, prefix, total, per)
+    mesh.keyspace_events("Eg")
+    subscribers = mesh.start_subscribers(prefix, per)
+    progress.step(f"{total:,} invalidations at {rate:,.0f}/s")
+    before = mesh.cpu_times()
+    scheduled, elapsed, late = produce_paced(mesh.port(mesh.origin), commands, rate)
+    after = mesh.cpu_times()
+    with contextlib.suppress(TimeoutError):  # what never went is counted as missing below
+        _wait_gone(mesh, keys_of(prefix, total - 1, per), timeout_s=30)
+    for client in mesh.clients.values():
+        client.publish(DEL_EVENTS, STOP)
+    gone = {}
+    for region, (child, out) in subscribers.items():
+        child.wait(30)
+        gone[region] = read_gone(out)
+    mesh.stop([child for child, _ in subscribers.values()])
+    latency, missing = {}, {}
+    for region in mesh.regions:
+        latencies, missing[region] = gone_latencies(scheduled, gone[region], first=warmup)
+        if latencies:
+            latency[region] = summarise(latencies)
+    result = _result(
+        mesh, scenario, system, [mesh.origin], total, elapsed, cpu_used(before, after), missing
+    )
+    return msgspec.structs.replace(
+        result, latency=latency, offered_rate=rate, producer_late_ms=late * 1000
+    )
+
+
+def _result(
+    mesh: Mesh,
+    scenario: Scenario,
+    system: str,
+    origins: list[str],
+    invalidations: int,
+    seconds: float,
+    cpu: dict[str, float],
+    missing: dict[str, int],
+) -> Run:
+    origin = cpu.get(f"{system}-{origins[0]}")
+    return Run(
+        scenario=scenario.name,
+        system=system,
+        round=0,
+        regions=list(mesh.regions),
+        origins=origins,
+        keys_per_invalidation=scenario.keys,
+        invalidations=invalidations,
+        seconds=seconds,
+        rate=invalidations / seconds if seconds > 0 else 0.0,
+        delay_ms=scenario.delay_ms,
+        cpu_seconds=cpu,
+        cpu_us=cpu_per_invalidation(cpu, invalidations),
+        origin_us=None if origin is None else origin / invalidations * 1e6,
+        core_share={name: used / seconds for name, used in cpu.items()} if seconds > 0 else {},
+        missing=missing,
+    )
+
+
+def _wait_gone(mesh: Mesh, keys: Sequence[str], *, timeout_s: float) -> dict[str, float]:
+    try:
+        return wait_gone(mesh.clients, keys, timeout_s=timeout_s, poll_s=0.005)
+    except (TimeoutError, redis.RedisError):
+        mesh.check_alive()  # a process that died says so; otherwise the timeout stands
+        raise
+
+
+class Progress:
+    """One line on stderr, rewritten as the runs go, when stderr is a terminal; else silent."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+        self.current = 0
+        self.label = ""
+        self.enabled = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def next(self, label: str) -> None:
+        self.current += 1
+        self.label = label
+        self.step("")
+
+    def step(self, what: str) -> None:
+        if self.enabled:
+            elapsed = time.monotonic() - self.started
+            text = f"invalgw bench [{self.current}/{self.runs}, {elapsed:.0f} s] {self.label}"
+            sys.stderr.write(f"\r\033[K{text}{': ' + what if what else ''}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def _load_average() -> float | None:
@@ -229,102 +512,6 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
-
-
-def measure(rig: Rig, system: str, args: BenchOptions) -> SystemResult:
-    rig.flush()
-    if system == GATEWAY:
-        _say("starting 3 gateways")
-        children = rig.start_gateways(profile_dir=args.profile)
-    else:
-        _say("starting 3 naive forwarders (baseline)")
-        children = rig.start_naive()
-    try:
-        latency = None if args.skip_latency else measure_latency(rig, system, args, children)
-        throughput = None
-        if not args.skip_throughput:
-            count = args.invalidations
-            if system == NAIVE:
-                count = min(count, args.naive_invalidations)
-            throughput = measure_throughput(rig, system, count, children)
-        for child in children:
-            child.check_alive()
-    finally:
-        rig.stop(children)
-    return SystemResult(throughput=throughput, latency=latency)
-
-
-def measure_latency(rig: Rig, system: str, args: BenchOptions, children: list[Child]) -> Latency:
-    prefix = f"{system}:lat"
-    warmup = round(args.warmup * args.rate)
-    total = warmup + round(args.duration * args.rate)
-    _say(f"{system} latency: {total:,} invalidations at {args.rate:,.0f}/s")
-    for region in REGIONS:
-        populate(rig.port(region), prefix, total, use_debug=rig.debug_populate)
-    commands = xadd_commands(STREAM, prefix, total)
-    rig.keyspace_events("Eg")
-    subscribers = rig.start_subscribers(prefix)
-    try:
-        cpu_before = rig.cpu_times(children)
-        sent_at, elapsed = produce_paced(rig.port(rig.origin), commands, args.rate)
-        cpu_after = rig.cpu_times(children)
-        wait_gone(rig.clients, keys_of(prefix, total - 1), timeout_s=60 + total / 1000)
-        for client in rig.clients.values():
-            client.publish(DEL_EVENTS, STOP)
-        gone = {}
-        for region, (child, out) in subscribers.items():
-            child.wait(30)
-            gone[region] = read_gone(out)
-    finally:
-        rig.stop([child for child, _ in subscribers.values()])
-        rig.keyspace_events("")
-    per_region, missing = {}, {}
-    for region in REGIONS:
-        latencies, missing[region] = gone_latencies(sent_at, gone[region], first=warmup)
-        if latencies:
-            per_region[region] = summarise(latencies)
-    return Latency(
-        system=system,
-        offered_rate=args.rate,
-        achieved_rate=len(sent_at) / elapsed,
-        seconds=args.duration,
-        measured=total - warmup,
-        per_region=per_region,
-        missing=missing,
-        cpu_share={name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_after},
-    )
-
-
-def measure_throughput(rig: Rig, system: str, count: int, children: list[Child]) -> Throughput:
-    prefix = f"{system}:tp"
-    _say(f"{system} throughput: {count:,} invalidations, pipelined")
-    for region in REGIONS:
-        populate(rig.port(region), prefix, count, use_debug=rig.debug_populate)
-    commands = xadd_commands(STREAM, prefix, count)
-    cpu_before = rig.cpu_times(children)
-    start, produced = produce_all(rig.port(rig.origin), commands)
-    timeout = max(120.0, count / 1000)
-    gone = wait_gone(rig.clients, keys_of(prefix, count - 1), timeout_s=timeout, poll_s=0.005)
-    cpu_after = rig.cpu_times(children)
-    for region, client in rig.clients.items():
-        left = count_left(client, prefix)
-        if left:
-            log.warning("%s: %d keys left after the last ones went; waiting for them", region, left)
-            while count_left(client, prefix):
-                time.sleep(0.01)
-            gone[region] = time.monotonic()
-    per_region = {region: gone[region] - start for region in REGIONS}
-    return Throughput(
-        system=system,
-        invalidations=count,
-        keys_per_invalidation=2,
-        produce_seconds=produced - start,
-        seconds=max(per_region.values()),
-        per_region_seconds=per_region,
-        cpu_seconds={
-            name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before
-        },
-    )
 
 
 def describe_machine() -> Machine:
@@ -352,7 +539,3 @@ def describe_machine() -> Machine:
         msgspec=version("msgspec"),
         platform=platform.platform(),
     )
-
-
-def _say(message: str) -> None:
-    print(f"invalgw bench: {message}", file=sys.stderr, flush=True)

@@ -1,13 +1,17 @@
 """Load and observation for ``invalgw bench``: cache keys, producers, and "gone" watchers.
 
-Invalidation ``i`` of a run removes the keys ``<prefix>:<2i>`` and ``<prefix>:<2i+1>``, the names
-``DEBUG POPULATE`` gives. The producers speak RESP over a plain socket with pre-encoded commands,
-so the load generator spends as little of the machine's CPU as it can; what they write is exactly
-the producer contract (:func:`invalgw.proto.entry_fields`).
+Invalidation ``i`` of a run that removes ``k`` keys per invalidation removes the keys
+``<prefix>:<k*i>`` .. ``<prefix>:<k*i+k-1>``, the names ``DEBUG POPULATE`` gives. The producers
+speak RESP over a plain socket with pre-encoded commands, so the load generator spends as little
+of the machine's CPU as it can; what they write is exactly the producer contract
+(:func:`invalgw.proto.entry_fields`).
 
 "Gone" is observed from outside the system under test: :func:`wait_gone` polls EXISTS, and the
 subscriber (``python -m invalgw.dev.benchload subscribe``, one process per region) timestamps every
-``del`` keyspace event on this host's monotonic clock, the clock the producer stamps sends with.
+``del`` keyspace event on this host's monotonic clock, the clock the paced producer schedules its
+sends on. Latency counts from each entry's *scheduled* send time, not from when the producer got
+round to sending it: a producer that stalls (the machine is busy, a reply is slow) would otherwise
+hide exactly the delays it caused (coordinated omission).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +38,9 @@ STOP = b"invalgw-bench:stop"
 CHUNK = 1000
 
 
-def keys_of(prefix: str, index: int) -> tuple[str, str]:
-    """The two cache keys invalidation ``index`` removes."""
-    return f"{prefix}:{2 * index}", f"{prefix}:{2 * index + 1}"
+def keys_of(prefix: str, index: int, per: int = 2) -> tuple[str, ...]:
+    """The ``per`` cache keys invalidation ``index`` removes."""
+    return tuple(f"{prefix}:{per * index + n}" for n in range(per))
 
 
 class RawConnection:
@@ -73,11 +78,11 @@ class RawConnection:
         self.sock.close()
 
 
-def xadd_commands(stream: str, prefix: str, count: int) -> list[bytes]:
+def xadd_commands(stream: str, prefix: str, count: int, per: int = 2) -> list[bytes]:
     """Pre-encoded ``XADD stream * <contract fields>`` for invalidations 0 .. count-1."""
     commands = []
     for index in range(count):
-        fields = entry_fields(keys_of(prefix, index))
+        fields = entry_fields(keys_of(prefix, index, per))
         args: list[str] = ["XADD", stream, "*"]
         for name, value in fields.items():
             args += [name, value]
@@ -85,17 +90,17 @@ def xadd_commands(stream: str, prefix: str, count: int) -> list[bytes]:
     return commands
 
 
-def populate(port: int, prefix: str, invalidations: int, *, use_debug: bool) -> None:
-    """Create the keys of ``invalidations`` invalidations (``DEBUG POPULATE``, else MSET)."""
+def populate(port: int, prefix: str, keys: int, *, use_debug: bool) -> None:
+    """Create the keys ``<prefix>:0`` .. ``<prefix>:<keys-1>`` (``DEBUG POPULATE``, else MSET)."""
     conn = RawConnection(port, timeout_s=120)
     try:
         if use_debug:
-            conn.call("DEBUG", "POPULATE", 2 * invalidations, prefix, 8)
+            conn.call("DEBUG", "POPULATE", keys, prefix, 8)
             return
         pending = 0
-        for start in range(0, 2 * invalidations, CHUNK):
+        for start in range(0, keys, CHUNK):
             args: list[str] = ["MSET"]
-            for n in range(start, min(start + CHUNK, 2 * invalidations)):
+            for n in range(start, min(start + CHUNK, keys)):
                 args += [f"{prefix}:{n}", "value"]
             conn.send(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
             pending += 1
@@ -107,54 +112,98 @@ def populate(port: int, prefix: str, invalidations: int, *, use_debug: bool) -> 
         conn.close()
 
 
-def produce_all(port: int, commands: Sequence[bytes]) -> tuple[float, float]:
-    """Send every command as fast as one pipelined connection can; (start, end) monotonic times.
+def produce_together(loads: Mapping[int, Sequence[bytes]]) -> tuple[float, float]:
+    """Send each port's commands as fast as it can, all ports at once (one thread and connection
+    each, released together once all are connected); the first start and the last end."""
+    connections = {port: RawConnection(port) for port in loads}
+    go = threading.Barrier(len(loads) + 1)
+    times: list[tuple[float, float]] = []
+    failures: list[BaseException] = []
 
-    Two chunks are in flight at a time, so Redis always has the next chunk to read.
-    """
-    conn = RawConnection(port)
-    try:
+    def send(port: int) -> None:
+        conn, commands = connections[port], loads[port]
         chunks = [b"".join(commands[i : i + CHUNK]) for i in range(0, len(commands), CHUNK)]
         sizes = [min(CHUNK, len(commands) - i) for i in range(0, len(commands), CHUNK)]
-        start = time.monotonic()
-        in_flight: list[int] = []
-        for chunk, size in zip(chunks, sizes, strict=True):
-            conn.send(chunk)
-            in_flight.append(size)
-            if len(in_flight) == 2:
-                conn.replies(in_flight.pop(0))
-        for size in in_flight:
-            conn.replies(size)
-        return start, time.monotonic()
-    finally:
-        conn.close()
+        go.wait()
+        try:
+            start = time.monotonic()
+            in_flight: list[int] = []
+            for chunk, size in zip(chunks, sizes, strict=True):
+                conn.send(chunk)
+                in_flight.append(size)
+                if len(in_flight) == 2:
+                    conn.replies(in_flight.pop(0))
+            for size in in_flight:
+                conn.replies(size)
+            times.append((start, time.monotonic()))
+        except BaseException as exc:  # reported by the caller's thread
+            failures.append(exc)
 
-
-def produce_paced(port: int, commands: Sequence[bytes], rate: float) -> tuple[list[float], float]:
-    """Send ``commands`` at ``rate`` per second; returns each one's send time and the run time.
-
-    Every millisecond or so the commands due by then go out in one write, stamped with the
-    monotonic time of that write.
-    """
-    conn = RawConnection(port)
-    sent_at: list[float] = []
+    threads = [threading.Thread(target=send, args=(port,), daemon=True) for port in loads]
     try:
-        start = time.monotonic()
-        total = len(commands)
-        while len(sent_at) < total:
-            now = time.monotonic()
-            due = min(total, int((now - start) * rate) + 1)
-            first = len(sent_at)
-            if due > first:
-                stamp = time.monotonic()
-                conn.send(b"".join(commands[first:due]))
-                sent_at.extend([stamp] * (due - first))
-                conn.replies(due - first)
-            wake = start + len(sent_at) / rate
-            pause = wake - time.monotonic()
-            if pause > 0:
-                time.sleep(max(pause, 0.0005))
-        return sent_at, time.monotonic() - start
+        for thread in threads:
+            thread.start()
+        go.wait()
+        for thread in threads:
+            thread.join()
+    finally:
+        for conn in connections.values():
+            conn.close()
+    if failures:
+        raise failures[0]
+    return min(start for start, _ in times), max(end for _, end in times)
+
+
+def schedule(start: float, rate: float, count: int) -> list[float]:
+    """When each of ``count`` entries paced at ``rate`` per second is due: ``start + i / rate``."""
+    return [start + index / rate for index in range(count)]
+
+
+def pace(
+    send: Callable[[int, int], None],
+    count: int,
+    rate: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[list[float], float, float]:
+    """Call ``send(first, end)`` for entries ``first`` .. ``end-1`` as they fall due at ``rate``
+    per second; returns every entry's *scheduled* send time, the run's length, and how late the
+    producer was at worst (seconds from an entry falling due to its write starting).
+
+    Whenever the producer gets to run, everything due by then goes out in one ``send``. If it
+    falls behind (a stall, a slow reply), the late entries still carry their scheduled times, so
+    the delay shows in the latency measured from them instead of vanishing from it.
+    """
+    start = clock()
+    sent, late = 0, 0.0
+    while sent < count:
+        now, due = clock(), sent
+        while due < count and start + due / rate <= now:  # the same sum as the pause below
+            due += 1
+        if due > sent:
+            late = max(late, now - (start + sent / rate))
+            send(sent, due)
+            sent = due
+        pause = start + sent / rate - clock()
+        if pause > 0:
+            sleep(max(pause, 0.0005))
+    return schedule(start, rate, count), clock() - start, late
+
+
+def produce_paced(
+    port: int, commands: Sequence[bytes], rate: float
+) -> tuple[list[float], float, float]:
+    """Send ``commands`` at ``rate`` per second (:func:`pace`); their scheduled send times, the
+    run's length, and the producer's worst lateness."""
+    conn = RawConnection(port)
+
+    def send(first: int, end: int) -> None:
+        conn.send(b"".join(commands[first:end]))
+        conn.replies(end - first)
+
+    try:
+        return pace(send, len(commands), rate)
     finally:
         conn.close()
 
@@ -184,15 +233,18 @@ def wait_gone(
     return gone
 
 
-def count_left(client: redis.Redis, prefix: str) -> int:
-    """How many ``<prefix>:*`` keys are left (SCAN; for checking a run, never timed)."""
-    return sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=10_000))
+def left_invalidations(client: redis.Redis, prefix: str, per: int) -> int:
+    """How many invalidations still have a ``<prefix>:*`` key left (SCAN; never timed)."""
+    skip = len(prefix) + 1
+    return len(
+        {int(key[skip:]) // per for key in client.scan_iter(match=f"{prefix}:*", count=10_000)}
+    )
 
 
-def subscribe(port: int, prefix: str, out: Path) -> int:
+def subscribe(port: int, prefix: str, out: Path, per: int = 2) -> int:
     """Record when each invalidation's keys were deleted, until :data:`STOP` is published.
 
-    Writes ``{invalidation index: monotonic time its second key went}`` as MessagePack.
+    Writes ``{invalidation index: monotonic time its last key went}`` as MessagePack.
     """
     conn = RawConnection(port, timeout_s=600)
     conn.call("SUBSCRIBE", DEL_EVENTS)
@@ -213,7 +265,7 @@ def subscribe(port: int, prefix: str, out: Path) -> int:
         while message is not False:
             key = message[2]
             if key.startswith(marker):
-                index = int(key[skip:]) >> 1
+                index = int(key[skip:]) // per
                 if gone.get(index, 0.0) < stamp:
                     gone[index] = stamp
             elif key == STOP:
@@ -237,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("--port", type=int, required=True)
     sub.add_argument("--prefix", required=True)
     sub.add_argument("--out", type=Path, required=True)
+    sub.add_argument("--keys", type=int, default=2, help="keys per invalidation")
     args = parser.parse_args(argv)
-    return subscribe(args.port, args.prefix, args.out)
+    return subscribe(args.port, args.prefix, args.out, args.keys)
 
 
 if __name__ == "__main__":

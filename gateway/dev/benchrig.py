@@ -1,9 +1,11 @@
-"""The local three-region set-up ``invalgw bench`` runs on, and its clean-up.
+"""The local regions one ``invalgw bench`` run uses, and their clean-up.
 
-Three ``redis-server`` processes on free ports, one region config file each, and the system under
-test as separate OS processes: three gateways (``python -m invalgw run``) or three naive
-forwarders (:mod:`invalgw.dev.naive`). Every child runs in its own session, so a Ctrl-C reaches only
-the bench, which then stops each child it started (SIGTERM, then SIGKILL) and each server.
+A :class:`Mesh` is one run: 2-5 fresh ``redis-server`` processes on free ports, a loopback WAN
+proxy (``invalgw wan-proxy``) in front of each when the run has a delay, one region file each, and
+the system under test as separate OS processes, one per region: gateways (``python -m invalgw
+run``), batched forwarders (:mod:`invalgw.dev.batched`) or naive ones (:mod:`invalgw.dev.naive`).
+Every child runs in its own session, so a Ctrl-C reaches only the bench, which then stops each
+child it started (SIGTERM, then SIGKILL) and each server.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ import logging
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,14 +26,20 @@ from typing import IO
 
 import redis
 
-from invalgw.dev.localredis import RedisProcess, find_redis_server
+from invalgw.dev.localredis import RedisProcess, find_redis_server, free_port, port_in_use
 from invalgw.names import APPLY_GROUP, Names, forward_group
 
 log = logging.getLogger(__name__)
 
-REGIONS = ("us-east", "eu-west", "ap-south")
+REGIONS = ("us-east", "eu-west", "ap-south", "us-west", "eu-north")
+"""Region names, in the order a run takes them; the first is the origin of one-origin runs."""
 NAMESPACE = "bench"
 STREAM = "bench:invalidations"
+GATEWAY = "gateway"
+BATCHED = "batched"
+NAIVE = "naive"
+SYSTEMS = (GATEWAY, BATCHED, NAIVE)
+_BASELINE_MODULES = {BATCHED: "invalgw.dev.batched", NAIVE: "invalgw.dev.naive"}
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -53,8 +59,16 @@ def redis_server_version() -> tuple[int, ...]:
     return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
 
 
-def region_toml(region: str, ports: dict[str, int], *, batch_size: int | None = None) -> str:
-    """A region file for the bench: defaults everywhere but names, addresses and consumer."""
+def region_toml(
+    region: str,
+    ports: dict[str, int],
+    *,
+    batch_size: int | None = None,
+    peer_ports: dict[str, int] | None = None,
+) -> str:
+    """A region file for the bench: defaults everywhere but names, addresses and consumer.
+    ``peer_ports``: where this region reaches each peer (a WAN proxy), if not at its Redis."""
+    peer_ports = peer_ports or ports
     lines = [
         f'region = "{region}"',
         "",
@@ -76,7 +90,7 @@ def region_toml(region: str, ports: dict[str, int], *, batch_size: int | None = 
                 "",
                 "[[peers]]",
                 f'name = "{peer}"',
-                f'url = "redis://127.0.0.1:{ports[peer]}/0"',
+                f'url = "redis://127.0.0.1:{peer_ports[peer]}/0"',
             ]
     return "\n".join(lines) + "\n"
 
@@ -86,6 +100,8 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], logfile: Path, *, stdout_pipe: bool = False):
         self.name = name
+        self.measured = True
+        """Whether its CPU time counts (the load's own processes do not)."""
         self.logfile = logfile
         self._log = logfile.open("wb")
         self.process = subprocess.Popen(
@@ -133,20 +149,42 @@ class Child:
         return self.process.wait(timeout=timeout_s)
 
 
-class Rig:
-    """Servers, configs and children of one bench run; a context manager that cleans up."""
+class Mesh:
+    """One run's regions on this host: fresh ``redis-server``s, a WAN proxy in front of each
+    region's Redis when there is a delay, region files, and the system under test (one process
+    per region). A context manager: everything it started is stopped on exit."""
 
-    def __init__(self, *, keep: bool = False, batch_size: int | None = None) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="invalgw-bench-"))
-        self.keep = keep
+    def __init__(
+        self,
+        workdir: Path,
+        regions: int,
+        *,
+        delay_ms: float = 0.0,
+        batch_size: int | None = None,
+    ) -> None:
+        if not 2 <= regions <= len(REGIONS):
+            raise ValueError(f"between 2 and {len(REGIONS)} regions, not {regions}")
+        self.workdir = workdir
+        self.regions = REGIONS[:regions]
+        self.delay_ms = delay_ms
         self.batch_size = batch_size
         self.servers: dict[str, RedisProcess] = {}
         self.clients: dict[str, redis.Redis] = {}
+        self.proxies: dict[str, tuple[Child, int]] = {}
         self.children: list[Child] = []
         self.debug_populate = False
         self.names = Names(NAMESPACE, STREAM)
 
-    def __enter__(self) -> Rig:
+    def __enter__(self) -> Mesh:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_servers()
+            if self.delay_ms > 0:
+                self._start_proxies()
+            self._write_configs()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
@@ -167,12 +205,10 @@ class Rig:
         for server in self.servers.values():
             server.cleanup()
         self.servers.clear()
-        if not self.keep:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
     def origin(self) -> str:
-        return REGIONS[0]
+        return self.regions[0]
 
     def port(self, region: str) -> int:
         return self.servers[region].port
@@ -180,25 +216,47 @@ class Rig:
     def config_path(self, region: str) -> Path:
         return self.workdir / f"{region}.toml"
 
-    def start_servers(self) -> None:
+    def _start_servers(self) -> None:
         self.debug_populate = redis_server_version() >= (7,)
         args = ("--enable-debug-command", "local") if self.debug_populate else ()
-        for region in REGIONS:
-            server = RedisProcess(workdir=str(self.workdir / f"redis-{region}"), args=args)
+        for region in self.regions:
+            server = RedisProcess(
+                workdir=str(self.workdir / f"redis-{region}"), args=args, own_session=True
+            )
             self.servers[region] = server
             server.start()
             self.clients[region] = redis.Redis(
                 port=server.port,
-                socket_timeout=30,
+                socket_timeout=60,
                 socket_connect_timeout=5,
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             )
         if not self.debug_populate:
             self.debug_populate = self._debug_works()
+
+    def _start_proxies(self) -> None:
+        """One ``invalgw wan-proxy`` in front of each region's Redis: every other region's
+        gateway (or forwarder) reaches it through the proxy, ``delay_ms`` each way."""
+        for region in self.regions:
+            port = free_port()
+            argv = [sys.executable, "-m", "invalgw", "--log-level", "warning", "wan-proxy"]
+            argv += ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{self.port(region)}"]
+            argv += ["--delay-ms", f"{self.delay_ms:g}"]
+            self.proxies[region] = (self.spawn(f"wan-proxy-{region}", argv), port)
+        deadline = time.monotonic() + 30
+        for child, port in self.proxies.values():
+            while not port_in_use(port):
+                child.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} not listening after 30 s")
+                time.sleep(0.05)
+
+    def _write_configs(self) -> None:
         ports = {region: server.port for region, server in self.servers.items()}
-        for region in REGIONS:
+        peer_ports = {region: port for region, (_, port) in self.proxies.items()} or ports
+        for region in self.regions:
             self.config_path(region).write_text(
-                region_toml(region, ports, batch_size=self.batch_size)
+                region_toml(region, ports, batch_size=self.batch_size, peer_ports=peer_ports)
             )
 
     def _debug_works(self) -> bool:
@@ -208,29 +266,33 @@ class Rig:
             return False
         return True
 
-    def cpu_times(self, children: list[Child]) -> dict[str, float]:
-        """CPU seconds used so far by ``children`` and by each region's redis-server."""
+    def cpu_times(self) -> dict[str, float]:
+        """CPU seconds used so far by each redis-server, proxy and process of the system."""
         times = {}
         for region, server in self.servers.items():
             used = cpu_seconds(server.process.pid) if server.process else None
             if used is not None:
                 times[f"redis-{region}"] = used
-        for child in children:
-            used = child.cpu_seconds()
-            if used is not None:
-                times[child.name] = used
+        for child in self.children:
+            if child.measured:
+                used = child.cpu_seconds()
+                if used is not None:
+                    times[child.name] = used
         return times
 
-    def flush(self) -> None:
-        for client in self.clients.values():
-            client.flushall()
+    def check_alive(self) -> None:
+        for child in self.children:
+            child.check_alive()
 
     def keyspace_events(self, flags: str) -> None:
         for client in self.clients.values():
             client.config_set("notify-keyspace-events", flags)
 
-    def spawn(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> Child:
+    def spawn(
+        self, name: str, argv: list[str], *, stdout_pipe: bool = False, measured: bool = True
+    ) -> Child:
         child = Child(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
+        child.measured = measured
         self.children.append(child)
         return child
 
@@ -239,47 +301,46 @@ class Rig:
             child.stop()
             self.children.remove(child)
 
+    def start_system(self, system: str, *, profile_dir: Path | None = None) -> list[Child]:
+        """The system under test, one process per region; returns once each one reads."""
+        if system == GATEWAY:
+            return self.start_gateways(profile_dir=profile_dir)
+        module = _BASELINE_MODULES[system]
+        children = [
+            self.spawn(
+                f"{system}-{region}",
+                [sys.executable, "-m", module, "--config", str(self.config_path(region))],
+                stdout_pipe=True,
+            )
+            for region in self.regions
+        ]
+        for child in children:
+            _read_ready(child)
+        return children
+
     def start_gateways(self, *, profile_dir: Path | None = None) -> list[Child]:
         """One gateway process per region; returns once every consumer group exists."""
         children = []
-        for region in REGIONS:
+        for region in self.regions:
             argv = [sys.executable]
             if profile_dir is not None:
-                argv += ["-m", "cProfile", "-o", str(profile_dir / f"gateway-{region}.pstats")]
+                profile = profile_dir / f"{self.workdir.name}-gateway-{region}.pstats"
+                argv += ["-m", "cProfile", "-o", str(profile)]
             argv += ["-m", "invalgw", "--log-level", "warning", "run"]
             argv += ["--config", str(self.config_path(region))]
             children.append(self.spawn(f"gateway-{region}", argv))
         self._wait_ready(children, self._gateway_ready)
         return children
 
-    def start_naive(self) -> list[Child]:
-        """One naive forwarder process per region (the baseline); returns once they read."""
-        children = [
-            self.spawn(
-                f"naive-{region}",
-                [
-                    sys.executable,
-                    "-m",
-                    "invalgw.dev.naive",
-                    "--config",
-                    str(self.config_path(region)),
-                ],
-                stdout_pipe=True,
-            )
-            for region in REGIONS
-        ]
-        for child in children:
-            _read_ready(child)
-        return children
-
-    def start_subscribers(self, prefix: str) -> dict[str, tuple[Child, Path]]:
+    def start_subscribers(self, prefix: str, per: int) -> dict[str, tuple[Child, Path]]:
         """One ``del``-event recorder per region; returns once each has subscribed."""
         started = {}
-        for region in REGIONS:
+        for region in self.regions:
             out = self.workdir / f"gone-{prefix}-{region}.msgpack"
             argv = [sys.executable, "-m", "invalgw.dev.benchload", "subscribe"]
             argv += ["--port", str(self.port(region)), "--prefix", prefix, "--out", str(out)]
-            child = self.spawn(f"subscriber-{region}", argv, stdout_pipe=True)
+            argv += ["--keys", str(per)]
+            child = self.spawn(f"subscriber-{region}", argv, stdout_pipe=True, measured=False)
             started[region] = (child, out)
         for child, _ in started.values():
             _read_ready(child)
@@ -287,7 +348,7 @@ class Rig:
 
     def _gateway_ready(self, region: str) -> bool:
         client = self.clients[region]
-        peers = [peer for peer in REGIONS if peer != region]
+        peers = [peer for peer in self.regions if peer != region]
         try:
             local = {g["name"].decode() for g in client.xinfo_groups(STREAM)}
             mirrors = [
@@ -300,10 +361,10 @@ class Rig:
         return wanted <= local and all(APPLY_GROUP in groups for groups in mirrors)
 
     def _wait_ready(
-        self, children: list[Child], ready: Callable[[str], bool], timeout_s: float = 30.0
+        self, children: list[Child], ready: Callable[[str], bool], timeout_s: float = 60.0
     ) -> None:
         deadline = time.monotonic() + timeout_s
-        for region, child in zip(REGIONS, children, strict=True):
+        for region, child in zip(self.regions, children, strict=True):
             while not ready(region):
                 child.check_alive()
                 if time.monotonic() > deadline:

@@ -1,4 +1,5 @@
-"""The arithmetic and the report of ``invalgw bench``: percentiles, ratios, targets, the table.
+"""The arithmetic and the report of ``invalgw bench``: percentiles, CPU per invalidation, medians
+of the rounds, the comparison with the batched baseline, targets, the table.
 
 Pure functions and structs, no I/O, so they are unit-tested on their own. The JSON report is the
 msgspec encoding of :class:`Report`; its field names are part of what ``--json`` promises.
@@ -7,12 +8,16 @@ msgspec encoding of :class:`Report`; its field names are part of what ``--json``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
 GATEWAY = "gateway"
-NAIVE = "naive"
+BATCHED = "batched"
+REDIS_KIND = "redis-server"
+PROXY_KIND = "wan-proxy"
+TOTAL = "total"
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,53 +30,75 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     max_ms: float
 
 
-class Throughput(msgspec.Struct, frozen=True, kw_only=True):
-    """N invalidations produced as fast as possible; timed until they are gone everywhere."""
+class Scenario(msgspec.Struct, frozen=True, kw_only=True):
+    """One load, run for every system: a throughput run, or a paced run when ``rate`` is set."""
 
+    name: str
+    description: str
+    regions: int
+    all_origins: bool = False
+    """Every region produces its share at once (else only the first region produces)."""
+    keys: int = 2
+    """Keys per invalidation."""
+    rate: float | None = None
+    """Paced: invalidations offered per second, and latency measured; None: as fast as possible."""
+    delay_ms: float = 0.0
+    """One-way delay on every link between regions (a loopback WAN proxy), in ms."""
+
+
+class Run(msgspec.Struct, frozen=True, kw_only=True):
+    """One system through one scenario, on fresh Redis servers."""
+
+    scenario: str
     system: str
-    invalidations: int
+    round: int
+    regions: list[str]
+    origins: list[str]
     keys_per_invalidation: int
-    produce_seconds: float
-    """How long the pipelined producer took to XADD all of them."""
+    invalidations: int
     seconds: float
-    """From the first XADD until the keys were gone in every region."""
-    per_region_seconds: dict[str, float]
-    """From the first XADD until the keys were gone in that region."""
+    """Throughput runs: from the first XADD until every key is gone in every region. Paced runs:
+    how long the producer ran."""
+    rate: float
+    """Invalidations per second over ``seconds``."""
+    offered_rate: float | None = None
+    delay_ms: float = 0.0
     cpu_seconds: dict[str, float] = {}
-    """CPU time each process of the system (and each redis-server) used in that interval:
-    a figure that other load on the machine disturbs far less than the rate."""
+    """CPU time (user + system) each process used over the run, by process name."""
+    cpu_us: dict[str, float] = {}
+    """CPU microseconds per invalidation by kind of process (the system's, ``redis-server``,
+    ``wan-proxy``), and ``total``: the system's and the Redis servers' (not the proxies')."""
+    origin_us: float | None = None
+    """CPU microseconds per invalidation of the first origin region's process alone."""
+    core_share: dict[str, float] = {}
+    """Share of one core each process used over the run."""
+    latency: dict[str, Percentiles] = {}
+    """Paced runs: from each invalidation's scheduled XADD to its keys gone, by region."""
+    missing: dict[str, int] = {}
+    """Invalidations whose keys were not all seen gone in that region (should be 0)."""
+    producer_late_ms: float | None = None
+    """Paced runs: the longest the producer fell behind its schedule. The latency includes it
+    (it counts from the schedule); large values mean the machine starved the producer."""
 
-    @property
-    def cpu_us_per_invalidation(self) -> dict[str, float]:
-        return {
-            name: seconds / self.invalidations * 1e6 for name, seconds in self.cpu_seconds.items()
-        }
 
-    @property
-    def rate(self) -> float:
-        return self.invalidations / self.seconds if self.seconds > 0 else 0.0
+class Summary(msgspec.Struct, frozen=True, kw_only=True):
+    """The median over the rounds of one system in one scenario."""
 
-
-class Latency(msgspec.Struct, frozen=True, kw_only=True):
-    """From each XADD (producer's send time) to its keys' ``del`` events in each region."""
-
+    scenario: str
     system: str
-    offered_rate: float
-    achieved_rate: float
-    """What the paced producer really sent, per second of its run."""
-    seconds: float
-    measured: int
-    """Invalidations sent after the warm-up; the percentiles are over these."""
-    per_region: dict[str, Percentiles]
+    rounds: int
+    invalidations: int
+    rate: float
+    cpu_us: dict[str, float]
+    origin_us: float | None
+    origin_core_share: float | None
+    latency: dict[str, Percentiles]
     missing: dict[str, int]
-    """Measured invalidations whose keys were never seen gone in that region (should be 0)."""
-    cpu_share: dict[str, float] = {}
-    """Share of one CPU each process (and each redis-server) used while the producer ran."""
-
-
-class SystemResult(msgspec.Struct, frozen=True, kw_only=True):
-    throughput: Throughput | None = None
-    latency: Latency | None = None
+    """Summed over the rounds."""
+    producer_late_ms: float | None = None
+    cpu_vs_batched: float | None = None
+    """Total CPU per invalidation / the batched baseline's, in the same scenario."""
+    rate_vs_batched: float | None = None
 
 
 class Machine(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,16 +112,6 @@ class Machine(msgspec.Struct, frozen=True, kw_only=True):
     platform: str
 
 
-class Ratios(msgspec.Struct, frozen=True, kw_only=True):
-    """Gateway compared with the naive baseline of the same run."""
-
-    throughput: float | None
-    """Gateway invalidations per second / naive invalidations per second."""
-    p50: dict[str, float]
-    """Per peer region: naive p50 / gateway p50 (above 1: the gateway is faster)."""
-    p99: dict[str, float]
-
-
 class Target(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     met: bool
@@ -104,14 +121,41 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     command: str
     machine: Machine
-    origin: str
-    peers: list[str]
-    results: dict[str, SystemResult]
-    ratios: Ratios | None
+    scenarios: list[Scenario]
+    runs: list[Run]
+    summaries: list[Summary]
     targets: list[Target]
     load_average: tuple[float, float] | None = None
     """The host's 1-minute load average when the run started and when it ended: above the CPU
     count, other work competed with the run and every figure is worse than the code's best."""
+
+
+def process_kind(name: str) -> str:
+    """``redis-us-east`` -> ``redis-server``; ``gateway-us-east`` -> ``gateway``; a baseline's
+    process -> ``forwarder``; ``wan-proxy-eu-west`` -> ``wan-proxy``."""
+    if name.startswith("redis-"):
+        return REDIS_KIND
+    if name.startswith(PROXY_KIND + "-"):
+        return PROXY_KIND
+    if name.startswith(GATEWAY + "-"):
+        return GATEWAY
+    return "forwarder"
+
+
+def cpu_per_invalidation(cpu_seconds: dict[str, float], invalidations: int) -> dict[str, float]:
+    """CPU microseconds per invalidation by kind of process, and their ``total`` (the system's
+    processes and the Redis servers; a WAN proxy stands in for the network, so it is apart)."""
+    by_kind: dict[str, float] = {}
+    for name, seconds in cpu_seconds.items():
+        kind = process_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds / invalidations * 1e6
+    by_kind[TOTAL] = sum(us for kind, us in by_kind.items() if kind != PROXY_KIND)
+    return by_kind
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two readings (processes in both)."""
+    return {name: after[name] - before[name] for name in after if name in before}
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:
@@ -139,8 +183,9 @@ def summarise(latencies_ms: Sequence[float]) -> Percentiles:
 def gone_latencies(
     sent_at: Sequence[float], gone_at: dict[int, float], *, first: int = 0
 ) -> tuple[list[float], int]:
-    """Milliseconds from ``sent_at[i]`` to ``gone_at[i]`` for ``i >= first``, and how many of
-    those were never seen gone. Both times are on this host's monotonic clock, in seconds."""
+    """Milliseconds from ``sent_at[i]`` (when invalidation ``i`` was scheduled to be sent) to
+    ``gone_at[i]`` for ``i >= first``, and how many of those were never seen gone. Both times
+    are on this host's monotonic clock, in seconds."""
     latencies: list[float] = []
     missing = 0
     for index in range(first, len(sent_at)):
@@ -152,173 +197,313 @@ def gone_latencies(
     return latencies, missing
 
 
-def compare(
-    gateway: SystemResult, naive: SystemResult | None, peers: Sequence[str]
-) -> Ratios | None:
-    if naive is None:
+def summarise_runs(runs: Sequence[Run]) -> list[Summary]:
+    """One :class:`Summary` per scenario and system, in the order they first ran, each compared
+    with the batched baseline of its scenario."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.scenario, run.system), []).append(run)
+    plain = {key: _summary(group) for key, group in groups.items()}
+    out = []
+    for (scenario, system), summary in plain.items():
+        baseline = plain.get((scenario, BATCHED))
+        if baseline is not None and system != BATCHED:
+            summary = msgspec.structs.replace(
+                summary,
+                cpu_vs_batched=_ratio(summary.cpu_us.get(TOTAL), baseline.cpu_us.get(TOTAL)),
+                rate_vs_batched=_ratio(summary.rate, baseline.rate),
+            )
+        out.append(summary)
+    return out
+
+
+def _summary(runs: Sequence[Run]) -> Summary:
+    first = runs[0]
+    kinds = {kind for run in runs for kind in run.cpu_us}
+    origin = f"{first.system}-{first.origins[0]}" if first.origins else ""
+    shares = [run.core_share[origin] for run in runs if origin in run.core_share]
+    regions = {region for run in runs for region in run.latency}
+    return Summary(
+        scenario=first.scenario,
+        system=first.system,
+        rounds=len(runs),
+        invalidations=first.invalidations,
+        rate=statistics.median(run.rate for run in runs),
+        cpu_us={kind: _median(run.cpu_us.get(kind) for run in runs) for kind in sorted(kinds)},
+        origin_us=_median(run.origin_us for run in runs),
+        origin_core_share=statistics.median(shares) if shares else None,
+        latency={
+            region: _median_percentiles(
+                [run.latency[region] for run in runs if region in run.latency]
+            )
+            for region in first.regions
+            if region in regions
+        },
+        missing={
+            region: sum(run.missing.get(region, 0) for run in runs) for region in first.regions
+        },
+        producer_late_ms=max(
+            (run.producer_late_ms for run in runs if run.producer_late_ms is not None),
+            default=None,
+        ),
+    )
+
+
+def _median(values: Iterable[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else math.nan
+
+
+def _median_percentiles(samples: list[Percentiles]) -> Percentiles:
+    return Percentiles(
+        count=sum(p.count for p in samples),
+        p50_ms=statistics.median(p.p50_ms for p in samples),
+        p99_ms=statistics.median(p.p99_ms for p in samples),
+        p999_ms=statistics.median(p.p999_ms for p in samples),
+        max_ms=max(p.max_ms for p in samples),
+    )
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or not theirs > 0 or math.isnan(ours):
         return None
-    throughput = None
-    if gateway.throughput and naive.throughput and naive.throughput.rate > 0:
-        throughput = gateway.throughput.rate / naive.throughput.rate
-    p50: dict[str, float] = {}
-    p99: dict[str, float] = {}
-    if gateway.latency and naive.latency:
-        for peer in peers:
-            ours, theirs = gateway.latency.per_region.get(peer), naive.latency.per_region.get(peer)
-            if ours and theirs and ours.p50_ms > 0 and ours.p99_ms > 0:
-                p50[peer] = theirs.p50_ms / ours.p50_ms
-                p99[peer] = theirs.p99_ms / ours.p99_ms
-    return Ratios(throughput=throughput, p50=p50, p99=p99)
+    return ours / theirs
 
 
-MIN_RATE = 50_000
-MIN_SPEEDUP = 5.0
-MAX_P50_MS = 5.0
-MAX_P99_MS = 25.0
+MAX_CPU_VS_BATCHED = 1.25
+MIN_RATE_VS_BATCHED = 0.8
+MAX_US_PER_PEER = 2.0
+WAN_P50_SLACK_MS = 5.0
+WAN_P99_SLACK_MS = 15.0
+MAX_P50_MS = 3.0
+MAX_P99_MS = 10.0
+MODEST_RATE = 2000.0
+MAX_CORE_SHARE = 0.15
 
 
-def check_targets(
-    gateway: SystemResult, naive: SystemResult | None, peers: Sequence[str]
-) -> list[Target]:
-    """The project's performance targets, each met or not, for this run."""
+def check_targets(summaries: Sequence[Summary], scenarios: Sequence[Scenario]) -> list[Target]:
+    """The gateway's targets against the batched baseline, each met or not, where the run has
+    the figures for it."""
+    ours = {s.scenario: s for s in summaries if s.system == GATEWAY}
+    by_name = {scenario.name: scenario for scenario in scenarios}
     targets: list[Target] = []
-    if gateway.throughput:
-        rate = gateway.throughput.rate
+    for name in ("one-origin", "all-origins"):
+        summary = ours.get(name)
+        if summary is not None and summary.cpu_vs_batched is not None:
+            targets.append(
+                Target(
+                    name=f"{name}: CPU per invalidation <= {MAX_CPU_VS_BATCHED:g}x batched",
+                    met=summary.cpu_vs_batched <= MAX_CPU_VS_BATCHED,
+                    detail=f"{summary.cpu_vs_batched:.2f}x ({summary.cpu_us[TOTAL]:.1f} us)",
+                )
+            )
+    all_origins = ours.get("all-origins")
+    if all_origins is not None and all_origins.rate_vs_batched is not None:
         targets.append(
             Target(
-                name=f"throughput >= {MIN_RATE:,}/s",
-                met=rate >= MIN_RATE,
-                detail=f"{rate:,.0f}/s",
+                name=f"all-origins: rate >= {MIN_RATE_VS_BATCHED:g}x batched",
+                met=all_origins.rate_vs_batched >= MIN_RATE_VS_BATCHED,
+                detail=f"{all_origins.rate_vs_batched:.2f}x ({all_origins.rate:,.0f}/s)",
             )
         )
-        if naive and naive.throughput and naive.throughput.rate > 0:
-            speedup = rate / naive.throughput.rate
+    targets += _per_peer_target(ours, by_name)
+    for name, (p50_max, p99_max) in _latency_limits(by_name).items():
+        summary = ours.get(name)
+        if summary is not None:
+            targets += _latency_targets(summary, p50_max, p99_max)
+    targets += _modest_rate_targets(ours, by_name)
+    return targets
+
+
+def _modest_rate_targets(ours: dict[str, Summary], scenarios: dict[str, Scenario]) -> list[Target]:
+    """The origin's gateway at a modest paced rate (any paced scenario run at that rate)."""
+    targets = []
+    for name, summary in ours.items():
+        share = summary.origin_core_share
+        if scenarios[name].rate == MODEST_RATE and share is not None:
             targets.append(
                 Target(
-                    name=f"throughput >= {MIN_SPEEDUP:g}x naive",
-                    met=speedup >= MIN_SPEEDUP,
-                    detail=f"{speedup:.1f}x",
+                    name=f"{name}: the origin's gateway at {MODEST_RATE:,.0f}/s uses "
+                    f"<= {MAX_CORE_SHARE:g} of a core",
+                    met=share <= MAX_CORE_SHARE,
+                    detail=f"{share:.2f}",
                 )
             )
-    if gateway.latency:
-        for peer in peers:
-            ours = gateway.latency.per_region.get(peer)
-            missing = gateway.latency.missing.get(peer, 0)
-            if ours is None:
-                continue
-            targets.append(
-                Target(
-                    name=f"{peer}: p50 < {MAX_P50_MS:g} ms, p99 < {MAX_P99_MS:g} ms, none missing",
-                    met=ours.p50_ms < MAX_P50_MS and ours.p99_ms < MAX_P99_MS and not missing,
-                    detail=f"p50 {ours.p50_ms:.2f} ms, p99 {ours.p99_ms:.2f} ms, {missing} missing",
-                )
+    return targets
+
+
+def _per_peer_target(ours: dict[str, Summary], scenarios: dict[str, Scenario]) -> list[Target]:
+    three, five = ours.get("one-origin"), ours.get("five-regions")
+    if three is None or five is None or three.origin_us is None or five.origin_us is None:
+        return []
+    added = scenarios["five-regions"].regions - scenarios["one-origin"].regions
+    per_peer = (five.origin_us - three.origin_us) / added
+    return [
+        Target(
+            name=f"origin's CPU per added peer <= {MAX_US_PER_PEER:g} us per invalidation",
+            met=per_peer <= MAX_US_PER_PEER,
+            detail=f"{per_peer:.1f} us ({three.origin_us:.1f} -> {five.origin_us:.1f})",
+        )
+    ]
+
+
+def _latency_limits(scenarios: dict[str, Scenario]) -> dict[str, tuple[float, float]]:
+    limits = {}
+    if "wan-latency" in scenarios:
+        delay = scenarios["wan-latency"].delay_ms
+        limits["wan-latency"] = (delay + WAN_P50_SLACK_MS, delay + WAN_P99_SLACK_MS)
+    if "latency" in scenarios:
+        limits["latency"] = (MAX_P50_MS, MAX_P99_MS)
+    return limits
+
+
+def _latency_targets(summary: Summary, p50_max: float, p99_max: float) -> list[Target]:
+    targets = []
+    for region, pct in list(summary.latency.items())[1:]:  # the peers, not the origin
+        missing = summary.missing.get(region, 0)
+        targets.append(
+            Target(
+                name=f"{summary.scenario}, {region}: p50 <= {p50_max:g} ms, "
+                f"p99 <= {p99_max:g} ms, none missing",
+                met=pct.p50_ms <= p50_max and pct.p99_ms <= p99_max and not missing,
+                detail=f"p50 {pct.p50_ms:.1f} ms, p99 {pct.p99_ms:.1f} ms, {missing} missing",
             )
-            theirs = naive.latency.per_region.get(peer) if naive and naive.latency else None
-            if theirs is not None:
-                targets.append(
-                    Target(
-                        name=f"{peer}: p50 and p99 below naive",
-                        met=ours.p50_ms < theirs.p50_ms and ours.p99_ms < theirs.p99_ms,
-                        detail=f"naive p50 {theirs.p50_ms:.2f} ms, p99 {theirs.p99_ms:.2f} ms",
-                    )
-                )
+        )
     return targets
 
 
 def render(report: Report) -> str:
-    """The human-readable report: throughput, latency, ratios, targets."""
-    lines: list[str] = []
+    """The human-readable report: throughput and CPU, latency, targets."""
     machine = report.machine
-    lines.append(
+    lines = [
         f"invalgw bench: {machine.nproc} CPUs ({machine.cpu_model}), Python {machine.python}, "
         f"redis-server {machine.redis_server}, redis-py {machine.redis_py}"
-    )
-    lines.append(f"origin {report.origin}, peers {', '.join(report.peers)}")
+    ]
     if report.load_average is not None:
         start, end = report.load_average
         lines.append(
             f"load average {start:.1f} at the start, {end:.1f} at the end "
             f"({machine.nproc} CPUs: above that, other work competed with this run)"
         )
-    systems = list(report.results.items())
-    regions = [report.origin, *report.peers]
-
-    throughputs = [(name, r.throughput) for name, r in systems if r.throughput]
-    if throughputs:
-        lines += ["", "Throughput (2 keys per invalidation, gone in every region)"]
-        header = ["system", "invalidations", "produce s", *(f"{r} s" for r in regions)]
-        header += ["total s", "inval/s"]
-        rows = [
-            [
-                name,
-                f"{t.invalidations:,}",
-                f"{t.produce_seconds:.2f}",
-                *(f"{t.per_region_seconds.get(r, math.nan):.2f}" for r in regions),
-                f"{t.seconds:.2f}",
-                f"{t.rate:,.0f}",
-            ]
-            for name, t in throughputs
-        ]
-        lines += _table(header, rows)
-        cpu = [(name, t.cpu_us_per_invalidation) for name, t in throughputs if t.cpu_seconds]
-        if cpu:
-            lines += ["", "CPU time per invalidation in that run (microseconds)"]
-            for name, per_process in cpu:
-                total = sum(per_process.values())
-                parts = ", ".join(f"{proc} {us:.1f}" for proc, us in per_process.items())
-                lines.append(f"  {name}: {total:.1f} in all; {parts}")
-
-    latencies = [(name, r.latency) for name, r in systems if r.latency]
-    if latencies:
-        first = latencies[0][1]
+    by_name = {scenario.name: scenario for scenario in report.scenarios}
+    rounds = max((s.rounds for s in report.summaries), default=1)
+    median = f", median of {rounds} rounds" if rounds > 1 else ""
+    throughput = [s for s in report.summaries if by_name[s.scenario].rate is None]
+    if throughput:
         lines += [
             "",
-            f"Latency, XADD to keys gone, at {first.offered_rate:,.0f}/s offered "
-            f"for {first.seconds:g} s (ms)",
+            f"Throughput: as fast as possible, until every key is gone everywhere{median}",
         ]
-        header = ["system", "region", "achieved/s", "count", "p50", "p99", "p99.9", "max"]
-        header.append("missing")
-        rows = []
-        for name, lat in latencies:
-            for region in regions:
-                pct = lat.per_region.get(region)
-                if pct is None:
-                    continue
-                label = region if region != report.origin else f"{region} (local)"
-                rows.append(
-                    [
-                        name,
-                        label,
-                        f"{lat.achieved_rate:,.0f}",
-                        f"{pct.count:,}",
-                        f"{pct.p50_ms:.2f}",
-                        f"{pct.p99_ms:.2f}",
-                        f"{pct.p999_ms:.2f}",
-                        f"{pct.max_ms:.2f}",
-                        str(lat.missing.get(region, 0)),
-                    ]
-                )
-        lines += _table(header, rows)
-        for name, lat in latencies:
-            if lat.cpu_share:
-                parts = ", ".join(f"{proc} {share:.0%}" for proc, share in lat.cpu_share.items())
-                lines.append(f"  {name} CPU at that rate (share of one core): {parts}")
-
-    if report.ratios is not None:
-        ratios = report.ratios
-        lines += ["", "Gateway vs naive"]
-        if ratios.throughput is not None:
-            lines.append(f"  throughput: {ratios.throughput:.1f}x the naive forwarder")
-        for peer in ratios.p50:
-            lines.append(
-                f"  {peer}: naive p50 / gateway p50 = {ratios.p50[peer]:.1f}x, "
-                f"naive p99 / gateway p99 = {ratios.p99[peer]:.1f}x"
-            )
+        lines += [
+            "  CPU: microseconds of CPU per invalidation of the gateways' or forwarders'",
+            "  processes, the redis-servers, both, and the (first) origin's process alone;",
+            "  vs batched: this / the batched forwarder's in the same scenario",
+        ]
+        lines += _table(_THROUGHPUT_HEADER, [_throughput_row(s, by_name) for s in throughput])
+    paced = [s for s in report.summaries if by_name[s.scenario].rate is not None]
+    if paced:
+        lines += [
+            "",
+            f"Latency: ms from each invalidation's scheduled XADD to its keys gone{median}",
+            "  origin core: share of one core the origin's process used while the producer ran;",
+            "  CPU all: microseconds per invalidation of every process and redis-server, as above;",
+            "  producer late: ms the producer fell behind its schedule at worst (in the latency)",
+        ]
+        lines += _table(_LATENCY_HEADER, [row for s in paced for row in _latency_rows(s, by_name)])
     if report.targets:
         lines += ["", "Targets"]
         for target in report.targets:
             lines.append(f"  [{'met' if target.met else 'MISSED'}] {target.name}: {target.detail}")
     return "\n".join(lines) + "\n"
+
+
+_THROUGHPUT_HEADER = [
+    "scenario",
+    "system",
+    "invalidations",
+    "inval/s",
+    "rate vs batched",
+    "CPU gw/fwd",
+    "CPU redis",
+    "CPU all",
+    "CPU vs batched",
+    "CPU origin",
+    "missing",
+]
+_LATENCY_HEADER = [
+    "scenario",
+    "system",
+    "offered/s",
+    "delay ms",
+    "region",
+    "p50",
+    "p99",
+    "p99.9",
+    "max",
+    "missing",
+    "origin core",
+    "CPU all",
+    "producer late",
+]
+
+
+def _throughput_row(summary: Summary, scenarios: dict[str, Scenario]) -> list[str]:
+    cpu = summary.cpu_us
+    processes = sum(us for kind, us in cpu.items() if kind not in (REDIS_KIND, PROXY_KIND, TOTAL))
+    return [
+        _scenario_label(scenarios[summary.scenario]),
+        summary.system,
+        f"{summary.invalidations:,}",
+        f"{summary.rate:,.0f}",
+        _times(summary.rate_vs_batched),
+        f"{processes:.1f}",
+        f"{cpu.get(REDIS_KIND, math.nan):.1f}",
+        f"{cpu.get(TOTAL, math.nan):.1f}",
+        _times(summary.cpu_vs_batched),
+        "" if summary.origin_us is None else f"{summary.origin_us:.1f}",
+        str(sum(summary.missing.values())),
+    ]
+
+
+def _latency_rows(summary: Summary, scenarios: dict[str, Scenario]) -> list[list[str]]:
+    scenario = scenarios[summary.scenario]
+    rows = []
+    for n, (region, pct) in enumerate(summary.latency.items()):
+        first = n == 0
+        rows.append(
+            [
+                scenario.name if first else "",
+                summary.system if first else "",
+                f"{scenario.rate or 0:,.0f}" if first else "",
+                f"{scenario.delay_ms:g}" if first else "",
+                f"{region} (origin)" if first else region,
+                f"{pct.p50_ms:.1f}",
+                f"{pct.p99_ms:.1f}",
+                f"{pct.p999_ms:.1f}",
+                f"{pct.max_ms:.1f}",
+                str(summary.missing.get(region, 0)),
+                _share(summary.origin_core_share) if first else "",
+                f"{summary.cpu_us.get(TOTAL, math.nan):.1f}" if first else "",
+                _late(summary.producer_late_ms) if first else "",
+            ]
+        )
+    return rows
+
+
+def _scenario_label(scenario: Scenario) -> str:
+    return scenario.name
+
+
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def _late(ms: float | None) -> str:
+    return "" if ms is None else f"{ms:.1f}"
+
+
+def _share(share: float | None) -> str:
+    return "" if share is None else f"{share:.2f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
