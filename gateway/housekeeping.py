@@ -2,7 +2,8 @@
 
 Trimming (:mod:`invalgw.trim`) follows the slowest consumer group; above the cap the oldest
 entries go anyway, and every group that had not received them gets a gap, recorded and sent on to
-its peer. It runs every ``trim_interval_ms``, and more often while the local stream grows fast.
+its peer. The local stream is trimmed at least ten times a second, more often while it grows
+fast; the mirrors every ``trim_interval_ms``.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ class Chores:
         self._mirrors_trimmed = 0.0
 
     def trim_interval_s(self) -> float:
-        """``trim_interval_ms``, or shorter while the local stream grows fast."""
+        """``trim_interval_ms`` or, for the local stream, shorter: at least ten rounds a second,
+        more while it grows fast (see :func:`invalgw.trim.cap_margin`)."""
         every_s = self.region.config.gateway.trim_interval_ms / 1000
-        hurry = self.local_trimmer.interval_s
-        return every_s if hurry is None else min(every_s, hurry)
+        return min(every_s, self.local_trimmer.interval_s)
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
         """Run every chore in ``group`` until it is cancelled; their errors are never fatal."""

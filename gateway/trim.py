@@ -26,8 +26,11 @@ the gateway remembers the highest it saw, but deletions made while no gateway ra
 such a restart, show only as pending entries found deleted (reported by the stage that held
 them).
 
-Trimming runs more often when the stream grows fast, so that at most :func:`cap_margin` entries
-arrive between two rounds: the stream never holds more than ``max_len + cap_margin(max_len)``.
+Rounds come at least every :data:`MAX_INTERVAL_S`, and more often when the stream grows fast, so
+that at most half of :func:`cap_margin` arrives between two; the cap itself is trimmed exactly.
+So the stream holds at most ``max_len + cap_margin(max_len)`` entries (1% over the cap, at least
+250 entries), at any write rate up to ``cap_margin / 2 / MIN_INTERVAL_S`` (12,500/s for a cap
+below 25,000; proportionally more for larger caps).
 """
 
 from __future__ import annotations
@@ -51,14 +54,17 @@ OnGap = Callable[[str, str, str], Awaitable[None]]
 MIN_INTERVAL_S = 0.01
 """Trimming runs at most this often, however fast the stream grows."""
 
+MAX_INTERVAL_S = 0.1
+"""Trimming runs at least this often: a burst is seen within a tenth of a second."""
+
 BACKLOG_COUNT_LIMIT = 1000
 """Entries counted at most with XRANGE when the group's counters cannot be trusted."""
 
 
 def cap_margin(max_len: int) -> int:
     """How far over ``max_len`` a stream trimmed by the gateway may be: 1% of the cap, at least
-    100 entries (the trim interval shortens to keep the growth between rounds below half of it)."""
-    return max(100, max_len // 100)
+    250 entries (rounds come often enough that at most half of it arrives between two)."""
+    return max(250, max_len // 100)
 
 
 @dataclass
@@ -137,8 +143,8 @@ class StreamTrimmer:
         self._max_deleted = StreamId(0, 0)
         self._next: dict[str, StreamId | None] = {}
         """Each group's next entry at the end of the last round (None: it had them all)."""
-        self.interval_s: float | None = None
-        """When the next round should run, at the stream's current growth (None: no hurry)."""
+        self.interval_s = MAX_INTERVAL_S
+        """When the next round should run, at the stream's current growth."""
 
     async def round(self) -> list[GroupPosition]:
         """Report losses, trim, report what the trim cost; returns each group's position."""
@@ -188,10 +194,10 @@ class StreamTrimmer:
             return
         if self._added is not None and now > self._added[0]:
             rate = (state.entries_added - self._added[1]) / (now - self._added[0])
+            self.interval_s = MAX_INTERVAL_S
             if rate > 0:
-                self.interval_s = max(MIN_INTERVAL_S, cap_margin(self.max_len) / 2 / rate)
-            else:
-                self.interval_s = None
+                paced = cap_margin(self.max_len) / 2 / rate
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, paced))
         self._added = (now, state.entries_added)
 
     async def _trim(

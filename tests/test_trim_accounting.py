@@ -131,5 +131,5 @@ async def test_backlog_comes_from_ids_and_is_zero_once_drained(
 
 
 def test_the_cap_margin_is_small() -> None:
-    assert cap_margin(1000) == 100
+    assert cap_margin(1000) == 250
     assert cap_margin(1_000_000) == 10_000
