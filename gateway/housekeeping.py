@@ -34,10 +34,11 @@ async def every(
     name: str,
     on_error: Callable[[Exception], None] | None = None,
 ) -> None:
-    """Run ``chore`` every ``interval_s`` seconds (a callable: asked after each run) until
-    cancelled; errors are logged, not fatal."""
+    """Start ``chore`` every ``interval_s`` seconds (a callable: asked after each run; a run
+    longer than that starts the next at once) until cancelled; errors are logged, not fatal."""
     failures = 0
     while True:
+        started = anyio.current_time()
         try:
             await chore()
             failures = 0
@@ -47,7 +48,8 @@ async def every(
                 on_error(exc)
             level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
             log.log(level, "%s failed (%d in a row): %s", name, failures, exc)
-        await anyio.sleep(interval_s() if callable(interval_s) else interval_s)
+        wait_s = interval_s() if callable(interval_s) else interval_s
+        await anyio.sleep(max(0.0, started + wait_s - anyio.current_time()))
 
 
 CLOCK_SAMPLE_INTERVAL_S = 5.0

@@ -27,9 +27,11 @@ such a restart, show only as pending entries found deleted (reported by the stag
 them).
 
 Rounds come at least every :data:`MAX_INTERVAL_S`, and more often when the stream grows fast, so
-that at most half of :func:`cap_margin` arrives between two; the cap itself is trimmed exactly.
+that a quarter of :func:`cap_margin` arrives between two; while the stream grows, the cap is
+trimmed ahead by what is expected before the next round (at most half the margin), so a round
+three times slower than planned still keeps it within the margin.
 So the stream holds at most ``max_len + cap_margin(max_len)`` entries (1% over the cap, at least
-250 entries), at any write rate up to ``cap_margin / 2 / MIN_INTERVAL_S`` (12,500/s for a cap
+250 entries), at any write rate up to ``cap_margin / 4 / MIN_INTERVAL_S`` (6,250/s for a cap
 below 25,000; proportionally more for larger caps).
 """
 
@@ -57,13 +59,15 @@ MIN_INTERVAL_S = 0.01
 MAX_INTERVAL_S = 0.1
 """Trimming runs at least this often: a burst is seen within a tenth of a second."""
 
+WARN_EVERY_S = 10.0
+
 BACKLOG_COUNT_LIMIT = 1000
 """Entries counted at most with XRANGE when the group's counters cannot be trusted."""
 
 
 def cap_margin(max_len: int) -> int:
     """How far over ``max_len`` a stream trimmed by the gateway may be: 1% of the cap, at least
-    250 entries (rounds come often enough that at most half of it arrives between two)."""
+    250 entries (rounds come often enough that a quarter of it arrives between two)."""
     return max(250, max_len // 100)
 
 
@@ -141,6 +145,9 @@ class StreamTrimmer:
         """Each group's last-delivered ID at the end of the last round."""
         self._added: tuple[float, int] | None = None
         self._max_deleted = StreamId(0, 0)
+        self._headroom = 0
+        self._warned: dict[str, float] = {}
+        """Entries expected before the next round: trimmed ahead while the stream grows."""
         self._next: dict[str, StreamId | None] = {}
         """Each group's next entry at the end of the last round (None: it had them all)."""
         self.interval_s = MAX_INTERVAL_S
@@ -162,9 +169,8 @@ class StreamTrimmer:
             return groups
         groups = _without_strangers(self.stream, groups, self.groups_needed)
         await self._report(groups, state, self._next, since_last_round=True)
-        first: dict[str, StreamId | None] = {group.name: state.first for group in groups}
-        state, self._next = await self._trim(groups)
-        await self._report(groups, state, first, since_last_round=False)
+        state, before, self._next = await self._trim(groups)
+        await self._report(groups, state, before, since_last_round=False)
         self._had = {group.name: group.last_delivered for group in groups}
         for group in groups:
             group.backlog = group.pending + await self._unread(group, state)
@@ -188,36 +194,39 @@ class StreamTrimmer:
         return self._remember(StreamState.parse(info)), groups
 
     def _pace(self, state: StreamState) -> None:
-        """Shorten the interval so that at most half the cap's margin arrives between rounds."""
+        """Shorten the interval so that a quarter of the cap's margin arrives between rounds."""
         now = time.monotonic()
         if state.entries_added is None:
             return
         if self._added is not None and now > self._added[0]:
             rate = (state.entries_added - self._added[1]) / (now - self._added[0])
-            self.interval_s = MAX_INTERVAL_S
+            self.interval_s, self._headroom = MAX_INTERVAL_S, 0
             if rate > 0:
-                paced = cap_margin(self.max_len) / 2 / rate
-                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, paced))
+                margin = cap_margin(self.max_len)
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, margin / 4 / rate))
+                self._headroom = min(margin // 2, int(rate * self.interval_s))
         self._added = (now, state.entries_added)
 
     async def _trim(
         self, groups: list[GroupPosition]
-    ) -> tuple[StreamState, dict[str, StreamId | None]]:
-        """Below the slowest group (approximately: whole nodes), then to the cap (exactly).
-        Returns the stream's state after, and the entry each group has next."""
+    ) -> tuple[StreamState, dict[str, StreamId | None], dict[str, StreamId | None]]:
+        """Below the slowest group (approximately: whole nodes), then to the cap (exactly; less
+        what is expected before the next round, while the stream grows). Returns the stream's
+        state after, and the entry each group has next, before the trim and after it."""
         floor = min(group.has for group in groups)
         async with self.client.pipeline(transaction=False) as pipe:
+            for group in groups:
+                pipe.xrange(self.stream, min=f"({group.last_delivered}", count=1)
             if floor.ms > 0:
                 pipe.xtrim(self.stream, minid=str(floor), approximate=True)
-            pipe.xtrim(self.stream, maxlen=self.max_len, approximate=False)
+            pipe.xtrim(self.stream, maxlen=self.max_len - self._headroom, approximate=False)
             pipe.xinfo_stream(self.stream)
             for group in groups:
                 pipe.xrange(self.stream, min=f"({group.last_delivered}", count=1)
             replies = await pipe.execute()
-        nexts: dict[str, StreamId | None] = {}
-        for group, entries in zip(groups, replies[-len(groups) :], strict=True):
-            nexts[group.name] = StreamId.parse(entries[0][0]) if entries else None
-        return self._remember(StreamState.parse(replies[-len(groups) - 1])), nexts
+        count = len(groups)
+        before, after = _next_ids(groups, replies[:count]), _next_ids(groups, replies[-count:])
+        return self._remember(StreamState.parse(replies[-count - 1])), before, after
 
     def _remember(self, state: StreamState) -> StreamState:
         """Redis 7.0 forgets ``max-deleted-entry-id`` in an AOF rewrite and restart: what this
@@ -235,7 +244,7 @@ class StreamTrimmer:
         since_last_round: bool,
     ) -> None:
         """Report, once, what each group lost; ``seen``: per group, an entry known to have
-        existed after its position (its next entry at the last round, or the first entry before
+        existed after its position (its next entry at the end of the last round, or just before
         this round's trim)."""
         reported = await self._reported_marks()
         for group in groups:
@@ -249,7 +258,8 @@ class StreamTrimmer:
             if upto <= after:
                 continue
             reported[group.name] = upto
-            log.warning(
+            log.log(
+                self._level(group.name),
                 "stream %s: entries after %s up to %s left the stream before group %s had them "
                 "(cap %d, or deleted by a producer)",
                 self.stream,
@@ -262,6 +272,15 @@ class StreamTrimmer:
                 await self.client.hset(self.reported_key, f"{self.stream}|{group.name}", str(upto))
             if self.on_gap is not None:
                 await self.on_gap(group.name, str(after), str(upto))
+
+    def _level(self, group: str) -> int:
+        """WARNING at most every :data:`WARN_EVERY_S` per group (a peer down at the cap loses
+        entries every round), DEBUG in between."""
+        now = time.monotonic()
+        if now - self._warned.get(group, -WARN_EVERY_S) < WARN_EVERY_S:
+            return logging.DEBUG
+        self._warned[group] = now
+        return logging.WARNING
 
     async def _reported_marks(self) -> dict[str, StreamId]:
         if self._reported is None:
@@ -288,6 +307,14 @@ class StreamTrimmer:
             self.stream, min=f"({group.last_delivered}", count=BACKLOG_COUNT_LIMIT
         )
         return len(entries) if len(entries) < BACKLOG_COUNT_LIMIT else state.length
+
+
+def _next_ids(groups: list[GroupPosition], replies: list[Any]) -> dict[str, StreamId | None]:
+    """Per group, the first entry after its last-delivered ID (XRANGE … COUNT 1 replies)."""
+    return {
+        group.name: StreamId.parse(entries[0][0]) if entries else None
+        for group, entries in zip(groups, replies, strict=True)
+    }
 
 
 def _lost_range(
