@@ -294,19 +294,30 @@ class StreamTrimmer:
         return self._reported
 
     async def _unread(self, group: GroupPosition, state: StreamState) -> int:
-        """Entries after the group's last-delivered ID, from IDs (not ``XINFO GROUPS`` lag,
-        which Redis 7.0 leaves wrong after an AOF rewrite and restart)."""
-        if group.last_delivered >= state.last_generated or state.first is None:
-            return 0
-        if group.last_delivered < state.first:
-            return state.length
-        added, read = state.entries_added, group.entries_read
-        if added is not None and read is not None and 0 <= added - read <= state.length:
-            return added - read
+        """Entries after the group's last-delivered ID (:func:`unread`; counted with a bounded
+        XRANGE when the counters cannot be trusted)."""
+        known = unread(group, state)
+        if known is not None:
+            return known
         entries: Any = await self.client.xrange(
             self.stream, min=f"({group.last_delivered}", count=BACKLOG_COUNT_LIMIT
         )
         return len(entries) if len(entries) < BACKLOG_COUNT_LIMIT else state.length
+
+
+def unread(group: GroupPosition, state: StreamState) -> int | None:
+    """Entries after the group's last-delivered ID, from stream IDs rather than ``XINFO GROUPS``
+    lag (which Redis 7.0 leaves wrong after an AOF rewrite and restart): 0 once the group has
+    read the last entry, the whole stream while it is behind the first; in between, entries
+    added minus entries read when that fits the stream, else None (only a count can tell)."""
+    if state.first is None or group.last_delivered >= state.last_generated:
+        return 0
+    if group.last_delivered < state.first:
+        return state.length
+    added, read = state.entries_added, group.entries_read
+    if added is not None and read is not None and 0 <= added - read <= state.length:
+        return added - read
+    return None
 
 
 def _next_ids(groups: list[GroupPosition], replies: list[Any]) -> dict[str, StreamId | None]:
