@@ -38,6 +38,25 @@ def cluster_nodes() -> Iterator[list[RedisProcess]]:
         yield nodes
 
 
+def split_keys(
+    cluster: RedisCluster, victim: RedisProcess, namespace: str, *, rounds: int
+) -> tuple[list[list[str]], list[str]]:
+    """Two keys on healthy nodes per round, and two keys per round on ``victim``."""
+    healthy: list[list[str]] = [[] for _ in range(rounds)]
+    sick: list[str] = []
+    n = 0
+    while min(len(keys) for keys in healthy) < 2 or len(sick) < 2 * rounds:
+        key = f"{namespace}:k{n}"
+        n += 1
+        node = cluster.get_node_from_key(key)
+        if node is not None and node.port == victim.port:
+            if len(sick) < 2 * rounds:
+                sick.append(key)
+        elif len(healthy[n % rounds]) < 2:
+            healthy[n % rounds].append(key)
+    return healthy, sick
+
+
 def command(node: RedisProcess, *args: str) -> Any:
     client = redis.Redis(
         port=node.port, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
@@ -73,21 +92,7 @@ async def test_a_stopped_primary_holds_back_only_its_own_keys(
     )
     await cluster.initialize()
 
-    def on_victim(key: str) -> bool:
-        node = cluster.get_node_from_key(key)
-        return node is not None and node.port == victim.port
-
-    rounds = 30
-    healthy: list[list[str]] = [[] for _ in range(rounds)]
-    sick: list[str] = []
-    n = 0
-    while min(len(keys) for keys in healthy) < 2 or len(sick) < 2 * rounds:
-        key = f"{namespace}:k{n}"
-        n += 1
-        if on_victim(key):
-            sick.append(key)
-        elif len(healthy[n % rounds]) < 2:
-            healthy[n % rounds].append(key)
+    healthy, sick = split_keys(cluster, victim, namespace, rounds=30)
     await cluster.mset_nonatomic(dict.fromkeys(sick + [k for ks in healthy for k in ks], "v"))
     command(victim, "CONFIG", "SET", "save", "3600 1")  # SIGTERM saves: it returns with its keys
 
@@ -97,14 +102,17 @@ async def test_a_stopped_primary_holds_back_only_its_own_keys(
             invalidator = Invalidator(by_region["us-east"], stream=configs["us-east"].streams.local)
             victim.stop()
             stopped = time.monotonic()
-            for i in range(rounds):  # each entry: two keys on healthy nodes, two on the stopped one
+            for i in range(
+                len(healthy)
+            ):  # each entry: two keys on healthy nodes, two on the stopped one
                 await invalidator.invalidate(*healthy[i], *sick[2 * i : 2 * i + 2])
                 sent = time.monotonic()
                 with anyio.fail_after(10):
                     while await cluster.exists(*healthy[i]):  # noqa: ASYNC110 - polling Redis
                         await anyio.sleep(0.01)
                 slowest = max(slowest, time.monotonic() - sent)
-                await anyio.sleep(max(0.0, stopped + DOWN_S * (i + 1) / rounds - time.monotonic()))
+                due = stopped + DOWN_S * (i + 1) / len(healthy)
+                await anyio.sleep(max(0.0, due - time.monotonic()))
             victim.start()
             returned = time.monotonic()
 

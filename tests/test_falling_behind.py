@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -253,41 +254,49 @@ async def test_restarting_each_region_s_redis_under_load_records_no_gap(
             await client.mset(dict.fromkeys(everything, "cached"))
         await start(processes, configs)
 
-        async def write(region: str) -> None:
-            client, stream = by_region[region], configs[region].streams.local
-            for n in range(0, len(keys[region]), 10):  # 10 every 20 ms: 500/s
-                while True:
-                    try:
-                        async with client.pipeline(transaction=False) as pipe:
-                            for key in keys[region][n : n + 10]:
-                                pipe.xadd(stream, entry_fields([key]))  # type: ignore[arg-type]
-                            await pipe.execute()
-                        break
-                    except redis.ConnectionError:  # that Redis is restarting
-                        await anyio.sleep(0.05)
-                await anyio.sleep(0.02)
-
-        async def restarts() -> None:
-            for server in [*aof_servers, *aof_servers]:
-                await anyio.sleep(1.0)
-                assert server._process is not None
-                await anyio.to_thread.run_sync(server._process.stop)
-                await anyio.to_thread.run_sync(server.restart)
-
         async with anyio.create_task_group() as tg:
             for region in urls:
-                tg.start_soon(write, region)
-            tg.start_soon(restarts)
+                stream = configs[region].streams.local
+                tg.start_soon(write_through_restarts, by_region[region], stream, keys[region])
+            tg.start_soon(restart_each_twice, aof_servers)
 
         for region, client in by_region.items():
-
-            async def gone(client: redis.asyncio.Redis = client) -> bool:
-                try:
-                    return int(await client.exists(*everything)) == 0
-                except redis.ConnectionError:
-                    return False
-
-            await wait_until(gone, seconds=60, what=f"every key to be gone in {region}")
+            await wait_until(
+                partial(none_exist, client, everything),
+                seconds=60,
+                what=f"every key to be gone in {region}",
+            )
         for region, client in by_region.items():
             gaps: Any = await client.xrange(Names(namespace, "").gaps)
             assert gaps == [], f"{region} recorded gaps: {gaps}"
+
+
+async def write_through_restarts(client: redis.asyncio.Redis, stream: str, keys: list[str]) -> None:
+    """One invalidation per key, 10 every 20 ms (500/s); a write that fails is tried again."""
+    for n in range(0, len(keys), 10):
+        while True:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys[n : n + 10]:
+                        pipe.xadd(stream, entry_fields([key]))  # type: ignore[arg-type]
+                    await pipe.execute()
+                break
+            except redis.ConnectionError:  # that Redis is restarting
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.02)
+
+
+async def restart_each_twice(servers: list[RedisServer]) -> None:
+    """A graceful restart (SIGTERM: the AOF is flushed) of each server in turn, twice."""
+    for server in [*servers, *servers]:
+        await anyio.sleep(1.0)
+        assert server._process is not None
+        await anyio.to_thread.run_sync(server._process.stop)
+        await anyio.to_thread.run_sync(server.restart)
+
+
+async def none_exist(client: redis.asyncio.Redis, keys: list[str]) -> bool:
+    try:
+        return int(await client.exists(*keys)) == 0
+    except redis.ConnectionError:  # the test's connection to a restarted Redis
+        return False
