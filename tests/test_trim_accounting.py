@@ -10,7 +10,8 @@ import redis.asyncio
 
 from invalgw.proto import StreamId
 from invalgw.trim import StreamTrimmer, cap_margin
-from tests.servers import RedisServer, no_retry
+from tests.conftest import wait_until
+from tests.servers import RedisServer, no_retry, redis_servers
 
 pytestmark = pytest.mark.anyio
 
@@ -133,3 +134,41 @@ async def test_backlog_comes_from_ids_and_is_zero_once_drained(
 def test_the_cap_margin_is_small() -> None:
     assert cap_margin(1000) == 250
     assert cap_margin(1_000_000) == 10_000
+
+
+async def test_backlog_is_zero_once_drained_after_an_aof_rewrite_and_restart(
+    namespace: str,
+) -> None:
+    with redis_servers(1, "--appendonly", "yes") as [server]:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+        )
+        stream = f"{namespace}:s"
+        try:
+            await write(client, stream, 200)
+            await client.xgroup_create(stream, "apply", id="0")
+            await read(client, stream, "apply", 150)
+            await client.xtrim(stream, maxlen=100, approximate=False)
+            await client.bgrewriteaof()
+
+            async def rewritten() -> bool:
+                info = await client.info("persistence")
+                return not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]
+
+            await wait_until(rewritten, what="the AOF rewrite")
+            await client.aclose()
+            assert server._process is not None
+            server._process.stop()
+            server.restart()
+            client = redis.asyncio.Redis.from_url(
+                server.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+            )
+            trimmer = StreamTrimmer(client, stream, max_len=1000)
+            assert {g.name: g.backlog for g in await trimmer.round()} == {"apply": 50}
+            await read(client, stream, "apply", 100)
+            assert {g.name: g.backlog for g in await trimmer.round()} == {"apply": 0}
+            await write(client, stream, 10)
+            await read(client, stream, "apply", 10)
+            assert {g.name: g.backlog for g in await trimmer.round()} == {"apply": 0}
+        finally:
+            await client.aclose()
