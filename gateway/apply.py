@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
-from functools import partial
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import redis
 
 from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
 from invalgw.clock import ServerClock
@@ -19,6 +21,7 @@ from invalgw.metrics import Metrics
 from invalgw.policy import Resolver
 from invalgw.proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
 from invalgw.read import Entry, GroupReader
+from invalgw.retries import CacheRetries, RetryJob
 from invalgw.scanner import ScanJob, Scanner
 from invalgw.tracing import InvalidationTracer
 
@@ -43,51 +46,137 @@ def parse_batch(
     return valid, dead, lost
 
 
+@dataclass(frozen=True)
+class ApplyContext:
+    """What every applier of one region shares (local apply and the apply of each mirror)."""
+
+    region: str
+    cache: Cache
+    retries: CacheRetries
+    dead_letters: DeadLetters
+    gaps: Gaps
+    limits: Limits
+    metrics: Metrics
+    resolver: Resolver
+    scanner: Scanner
+    tracer: InvalidationTracer
+    status_key: str
+
+
+Done = Callable[[], Awaitable[None]]
+
+
+def ack_when_done(reader: GroupReader, entry_id: bytes, parts: int) -> Done:
+    """Hold ``entry_id`` (pending, not handed out again) until the returned callback has been
+    called ``parts`` times (once per pattern walk or cache retry of the entry), then ack it."""
+    reader.hold(entry_id)
+    remaining = parts
+
+    async def done() -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            await reader.ack([entry_id])
+
+    return done
+
+
+@dataclass
+class BatchWork:
+    """One batch of a stage, planned: what each entry asks, and what goes in the background."""
+
+    ids: list[bytes]
+    """Every entry of the batch (acknowledged unless held)."""
+    plan: Plan
+    keys: dict[bytes, list[str]] = field(default_factory=dict)
+    """The keys of each entry, to tell which entries a node that does not answer holds back."""
+    walks: dict[bytes, list[Invalidation]] = field(default_factory=dict)
+    """Pattern invalidations of each entry: walked by the scanner, acknowledged when done."""
+    held: set[bytes] = field(default_factory=set)
+    """Entries left pending for their walks or cache retries (known once the effects ran)."""
+    acking: bool = False
+    """The acknowledgement was sent: if it failed, Redis may have carried it out all the same."""
+
+
 async def apply_and_ack(
-    cache: Cache,
-    reader: GroupReader,
-    ids: Sequence[bytes],
-    plan: Plan,
-    status_key: str,
-    status: LinkStatus,
+    ctx: ApplyContext, reader: GroupReader, origin: str, work: BatchWork, status: LinkStatus
 ) -> int:
-    """Carry out ``plan``, then acknowledge ``ids`` with ``status``. Returns how many keys went.
+    """Carry out ``work``, then acknowledge its entries with ``status``; returns keys removed.
 
     One transaction when the plan only unlinks, the cache is the stream's Redis and the keys fit
     one UNLINK; otherwise the effects go first, in commands of :data:`UNLINK_CHUNK` keys that
     other clients can interleave with (a transaction would hold the Redis for the whole batch).
+    Entries with pattern walks, or with keys on a cache node that does not answer, stay pending
+    until that work is done (:func:`ack_when_done`); the others are acknowledged now.
     """
-    if cache.in_stream_redis and plan.only_unlink and len(plan.unlink) <= UNLINK_CHUNK:
-        return await ack_with_status(reader, ids, status_key, status, unlink=plan.unlink)
-    removed = await cache.apply(plan)
-    await ack_with_status(reader, ids, status_key, status)
+    plan = work.plan
+    if ctx.cache.in_stream_redis and plan.only_unlink and len(plan.unlink) <= UNLINK_CHUNK:
+        _start_walks(ctx, reader, origin, work.walks, set())
+        work.held = set(work.walks)
+        acked = [entry_id for entry_id in work.ids if entry_id not in work.held]
+        work.acking = True
+        return await ack_with_status(reader, acked, ctx.status_key, status, unlink=plan.unlink)
+    removed, failed = await ctx.cache.apply_parts(plan)
+    waiting = _entries_waiting(work, failed)
+    if waiting and not ctx.retries.has_room(len(failed.keys())):
+        raise redis.ConnectionError("too many keys wait for cache nodes that do not answer")
+    retry_done = _start_walks(ctx, reader, origin, work.walks, waiting)
+    if waiting:
+        ctx.retries.submit(
+            RetryJob(failed, retry_done, ctx.metrics.keys_removed.labels(ctx.region, origin).inc)
+        )
+    work.held = work.walks.keys() | waiting
+    acked = [entry_id for entry_id in work.ids if entry_id not in work.held]
+    work.acking = True
+    await ack_with_status(reader, acked, ctx.status_key, status)
     return removed
+
+
+def _entries_waiting(work: BatchWork, failed: Plan) -> set[bytes]:
+    """The entries with a key in ``failed``."""
+    if not failed:
+        return set()
+    lost = failed.keys()
+    return {entry_id for entry_id, keys in work.keys.items() if not lost.isdisjoint(keys)}
+
+
+def _start_walks(
+    ctx: ApplyContext,
+    reader: GroupReader,
+    origin: str,
+    walks: dict[bytes, list[Invalidation]],
+    waiting: set[bytes],
+) -> list[Done]:
+    """Hold the entries that have walks or wait for a retry, start the walks; returns the
+    callbacks the retry calls (one per entry in ``waiting``)."""
+    retry_done: list[Done] = []
+    for entry_id in walks.keys() | waiting:
+        events = walks.get(entry_id, [])
+        done = ack_when_done(reader, entry_id, len(events) + (entry_id in waiting))
+        for event in events:
+            ctx.scanner.submit(ScanJob(event, origin, done))
+        if entry_id in waiting:
+            retry_done.append(done)
+    return retry_done
 
 
 class AppliedRecord:
     """What one stage applied from one origin: metrics, the lag window, status and traces."""
 
     def __init__(
-        self,
-        *,
-        region: str,
-        origin: str,
-        stage: str,
-        stream: str,
-        metrics: Metrics,
-        tracer: InvalidationTracer,
-        status: LinkStatus,
+        self, ctx: ApplyContext, *, origin: str, stage: str, stream: str, status: LinkStatus
     ) -> None:
-        self.region = region
+        self.region = ctx.region
         self.origin = origin
         self.stream = stream
-        self.tracer = tracer
+        self.tracer = ctx.tracer
         self.status = status
         self.window = LagWindow()
+        metrics = ctx.metrics
         self._applied = metrics.applied
-        self._lag = metrics.lag.labels(region, origin)
-        self._removed = metrics.keys_removed.labels(region, origin)
-        self._batch = metrics.batch_size.labels(region, stage)
+        self._lag = metrics.lag.labels(ctx.region, origin)
+        self._removed = metrics.keys_removed.labels(ctx.region, origin)
+        self._batch = metrics.batch_size.labels(ctx.region, stage)
 
     def __call__(
         self, events: list[Invalidation], removed: int, started_ns: int, origin_now_ms: float
@@ -123,70 +212,47 @@ class LocalApplier:
 
     def __init__(
         self,
+        ctx: ApplyContext,
         *,
-        region: str,
         reader: GroupReader,
-        cache: Cache,
-        dead_letters: DeadLetters,
-        gaps: Gaps,
-        limits: Limits,
-        metrics: Metrics,
         clock: ServerClock,
         status: LinkStatus,
-        status_key: str,
         epoch: Epoch,
-        resolver: Resolver,
-        scanner: Scanner,
-        tracer: InvalidationTracer,
     ) -> None:
-        self.region = region
-        self.resolver = resolver
-        self.scanner = scanner
-        self.epoch = epoch
+        self.ctx = ctx
         self.reader = reader
-        self.cache = cache
-        self.dead_letters = dead_letters
-        self.gaps = gaps
-        self.limits = limits
         self.clock = clock
         self.status = status
-        self.status_key = status_key
+        self.epoch = epoch
         self.record = AppliedRecord(
-            region=region,
-            origin=region,
-            stage="apply",
-            stream=reader.stream,
-            metrics=metrics,
-            tracer=tracer,
-            status=status,
+            ctx, origin=ctx.region, stage="apply", stream=reader.stream, status=status
         )
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
-        valid, dead, lost = parse_batch(entries, self.limits)
-        await self.dead_letters.put(self.reader.stream, dead)
+        ctx = self.ctx
+        valid, dead, lost = parse_batch(entries, ctx.limits)
+        await ctx.dead_letters.put(self.reader.stream, dead)
         if lost:
-            await self.gaps.record(
-                self.region,
+            await ctx.gaps.record(
+                ctx.region,
                 "local entries deleted before they were applied",
                 after=str(StreamId.parse(lost[0]).previous()),
                 upto=lost[-1].decode(),
             )
-        plan = plan_batch(valid, self.region, self.resolver)
+        work = BatchWork(
+            [entry_id for entry_id, _ in entries], plan_batch(valid, ctx.region, ctx.resolver)
+        )
+        for event in valid:
+            work.keys[event.id.encode()] = event.keys
+        for event in work.plan.scans:
+            work.walks[event.id.encode()] = [event]
         started_ns = time.time_ns()
-        scanning = {event.id.encode() for event in plan.scans}
-        for event in plan.scans:  # acknowledged when the walk of the cache is done
-            self.reader.hold(event.id.encode())
-            ack = partial(self.reader.ack, [event.id.encode()])
-            self.scanner.submit(ScanJob(event, self.region, ack))
         if valid and StreamId.parse(valid[-1].id) > StreamId.parse(self.status.last_id):
             self.status.last_id = valid[-1].id
         self.status.epoch = self.epoch.value
         self.status.applied += len(valid)  # saved with the acknowledgement, not a second later
-        acked = [entry_id for entry_id, _ in entries if entry_id not in scanning]
         removed = await self.record.guard(
-            valid,
-            started_ns,
-            apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, self.status),
+            valid, started_ns, apply_and_ack(ctx, self.reader, ctx.region, work, self.status)
         )
         self.record(valid, removed, started_ns, self.clock.now_ms())
 

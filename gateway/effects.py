@@ -27,6 +27,16 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.unlink or self.expire or self.fenced)
 
+    def extend(self, other: Plan) -> None:
+        """Add ``other``'s effects (not its scans) to this plan."""
+        self.unlink += other.unlink
+        self.expire += other.expire
+        self.fenced += other.fenced
+
+    def keys(self) -> set[str]:
+        """Every key an effect of this plan touches."""
+        return {*self.unlink, *(key for key, _ in self.expire), *(f[0] for f in self.fenced)}
+
     @property
     def only_unlink(self) -> bool:
         return not self.expire and not self.fenced

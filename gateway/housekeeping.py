@@ -1,142 +1,44 @@
 """Periodic chores around a region's stages: trimming streams, sampling clocks, publishing status.
 
-Trimming follows the slowest consumer group: an entry goes only once every group (local apply and
-every peer) has acknowledged it. Above the hard cap the oldest entries go anyway, and every group
-that had not received them gets a gap, recorded and sent on to its peer.
+Trimming (:mod:`invalgw.trim`) follows the slowest consumer group; above the cap the oldest
+entries go anyway, and every group that had not received them gets a gap, recorded and sent on to
+its peer. The local stream is trimmed at least ten times a second, more often while it grows
+fast; the mirrors every ``trim_interval_ms``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import anyio
 import anyio.abc
-import redis
 
 from invalgw.clock import sample_clock
-from invalgw.connections import REDIS_ERRORS, AsyncRedis
+from invalgw.connections import REDIS_ERRORS
 from invalgw.lag import publish_status
 from invalgw.names import APPLY_GROUP, forward_group
 from invalgw.pipeline import Pipeline
-from invalgw.proto import StreamId
 from invalgw.region import Region
+from invalgw.trim import StreamTrimmer
 
 log = logging.getLogger(__name__)
 
-OnGap = Callable[[str, str, str], Awaitable[None]]
-"""Called with (group, after, upto) when trimming deleted entries a group had not received."""
-
-
-@dataclass
-class GroupPosition:
-    name: str
-    last_delivered: StreamId
-    pending: int
-    lag: int | None
-
-
-async def group_positions(client: AsyncRedis, stream: str) -> list[GroupPosition]:
-    groups = await client.xinfo_groups(stream)
-    return [
-        GroupPosition(
-            name=group["name"].decode(),
-            last_delivered=StreamId.parse(group["last-delivered-id"]),
-            pending=int(group["pending"]),
-            lag=None if group.get("lag") is None else int(group["lag"]),
-        )
-        for group in groups
-    ]
-
-
-async def trim_stream(
-    client: AsyncRedis,
-    stream: str,
-    *,
-    max_len: int,
-    on_gap: OnGap | None = None,
-    groups_needed: Collection[str] = (),
-) -> list[GroupPosition]:
-    """Trim ``stream`` below its slowest group, then to ``max_len``; returns group positions.
-
-    Nothing is trimmed while one of ``groups_needed`` is missing (being recreated after the
-    stream was lost): the groups present do not say what the missing one still needs.
-    """
-    try:
-        groups = await group_positions(client, stream)
-    except redis.ResponseError as exc:
-        if "no such key" in str(exc).lower():
-            return []
-        raise
-    missing = set(groups_needed) - {group.name for group in groups}
-    if not groups or missing:
-        if missing:
-            log.debug("not trimming %s: groups %s do not exist yet", stream, sorted(missing))
-        return groups
-    if groups_needed:
-        groups = _without_strangers(stream, groups, groups_needed)
-    floor: StreamId | None = None
-    for group in groups:
-        position = group.last_delivered
-        if group.pending:
-            summary = await client.xpending(stream, group.name)
-            if summary.get("min") is not None:
-                position = min(position, StreamId.parse(summary["min"]))
-        floor = position if floor is None else min(floor, position)
-    if floor is not None and floor.ms > 0:
-        await client.xtrim(stream, minid=str(floor), approximate=True)
-    if await client.xlen(stream) > max_len:
-        await client.xtrim(stream, maxlen=max_len, approximate=True)
-        info = await client.xinfo_stream(stream)
-        deleted = StreamId.parse(info.get("max-deleted-entry-id", b"0-0"))
-        for group in groups:
-            if group.last_delivered < deleted:
-                log.warning(
-                    "stream %s is over its cap of %d entries: group %s loses entries after %s",
-                    stream,
-                    max_len,
-                    group.name,
-                    group.last_delivered,
-                )
-                if on_gap is not None:
-                    await on_gap(group.name, str(group.last_delivered), str(deleted))
-    return groups
-
-
-_strangers_named: set[tuple[str, str]] = set()
-
-
-def _without_strangers(
-    stream: str, groups: list[GroupPosition], needed: Collection[str]
-) -> list[GroupPosition]:
-    """The groups that hold trimming back: a group no stage reads (a peer removed from the
-    config) would otherwise keep the stream at its hard cap for good."""
-    for group in groups:
-        if group.name not in needed and (stream, group.name) not in _strangers_named:
-            _strangers_named.add((stream, group.name))
-            log.warning(
-                "consumer group %r of stream %s belongs to no configured peer: trimming no longer "
-                "waits for it. If its peer is gone for good: XGROUP DESTROY %s %s",
-                group.name,
-                stream,
-                stream,
-                group.name,
-            )
-    return [group for group in groups if group.name in needed]
-
 
 async def every(
-    interval_s: float,
+    interval_s: float | Callable[[], float],
     chore: Callable[[], Awaitable[None]],
     *,
     name: str,
     on_error: Callable[[Exception], None] | None = None,
 ) -> None:
-    """Run ``chore`` every ``interval_s`` seconds until cancelled; errors are logged, not fatal."""
+    """Start ``chore`` every ``interval_s`` seconds (a callable: asked after each run; a run
+    longer than that starts the next at once) until cancelled; errors are logged, not fatal."""
     failures = 0
     while True:
+        started = anyio.current_time()
         try:
             await chore()
             failures = 0
@@ -146,7 +48,8 @@ async def every(
                 on_error(exc)
             level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
             log.log(level, "%s failed (%d in a row): %s", name, failures, exc)
-        await anyio.sleep(interval_s)
+        wait_s = interval_s() if callable(interval_s) else interval_s
+        await anyio.sleep(max(0.0, started + wait_s - anyio.current_time()))
 
 
 CLOCK_SAMPLE_INTERVAL_S = 5.0
@@ -157,13 +60,36 @@ class Chores:
     def __init__(self, region: Region, pipeline: Pipeline) -> None:
         self.region = region
         self.pipeline = pipeline
+        config, names = region.config, region.names
+        self.local_trimmer = StreamTrimmer(
+            region.local,
+            names.local_stream,
+            max_len=config.streams.max_len,
+            on_gap=self._trimmed_before_delivery,
+            groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
+            reported_key=names.lost,
+        )
+        self.mirror_trimmers = [
+            StreamTrimmer(
+                region.local, names.mirror(peer.name), max_len=config.streams.mirror_max_len
+            )
+            for peer in config.peers
+        ]
+        self._mirrors_trimmed = 0.0
+
+    def trim_interval_s(self) -> float:
+        """``trim_interval_ms`` or, for the local stream, shorter: at least ten rounds a second,
+        more while it grows fast (see :func:`invalgw.trim.cap_margin`)."""
+        every_s = self.region.config.gateway.trim_interval_ms / 1000
+        return min(every_s, self.local_trimmer.interval_s)
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
         """Run every chore in ``group`` until it is cancelled; their errors are never fatal."""
         region = self.region
-        trim_every = region.config.gateway.trim_interval_ms / 1000
         trim_errors = region.counts_errors("trim")
-        group.start_soon(partial(every, trim_every, self.trim, name="trim", on_error=trim_errors))
+        group.start_soon(
+            partial(every, self.trim_interval_s, self.trim, name="trim", on_error=trim_errors)
+        )
         local_sample = partial(sample_clock, region.local_clock, region.local)
         group.start_soon(partial(every, CLOCK_SAMPLE_INTERVAL_S, local_sample, name="local clock"))
         for peer in region.peers:  # a task each: a peer that does not answer delays only its own
@@ -174,22 +100,16 @@ class Chores:
         group.start_soon(partial(every, STATUS_INTERVAL_S, self.publish_status, name="status"))
 
     async def trim(self) -> None:
-        """Trim the local stream below its slowest group (and to its cap), then the mirrors."""
-        region, config = self.region, self.region.config
-        positions = await trim_stream(
-            region.local,
-            region.names.local_stream,
-            max_len=config.streams.max_len,
-            on_gap=self._trimmed_before_delivery,
-            groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
-        )
-        for position in positions:
-            backlog = position.pending + (position.lag or 0)
-            region.metrics.backlog.labels(region.name, position.name).set(backlog)
-        for peer in config.peers:
-            await trim_stream(
-                region.local, region.names.mirror(peer.name), max_len=config.streams.mirror_max_len
-            )
+        """Trim the local stream below its slowest group (and to its cap); the mirrors too, at
+        the configured interval."""
+        region = self.region
+        for position in await self.local_trimmer.round():
+            region.metrics.backlog.labels(region.name, position.name).set(position.backlog)
+        now = time.monotonic()
+        if now - self._mirrors_trimmed >= region.config.gateway.trim_interval_ms / 1000:
+            self._mirrors_trimmed = now
+            for trimmer in self.mirror_trimmers:
+                await trimmer.round()
 
     async def _trimmed_before_delivery(self, group: str, after: str, upto: str) -> None:
         if group == APPLY_GROUP:

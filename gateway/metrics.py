@@ -159,6 +159,13 @@ class Metrics:
             ["region", "origin"],
             registry=r,
         )
+        self.cache_redirects = Counter(
+            "invalgw_cache_redirects",
+            "Keys a cluster node refused because it does not serve their slot (moved) or serves "
+            "it in part (ask: a migration), redone through the cluster client's redirections.",
+            ["region", "kind"],
+            registry=r,
+        )
         self.forwarded = Counter(
             "invalgw_invalidations_forwarded",
             "Invalidations accepted by a peer region's Redis.",

@@ -10,24 +10,20 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
+import redis
 
-from invalgw.apply import AppliedRecord, apply_and_ack
-from invalgw.cache import Cache
+from invalgw.apply import AppliedRecord, ApplyContext, BatchWork, apply_and_ack
 from invalgw.clock import ServerClock
-from invalgw.deadletter import DeadLetter, DeadLetters
-from invalgw.effects import plan_batch
-from invalgw.gaps import Gaps
+from invalgw.deadletter import DeadLetter
+from invalgw.effects import Plan, plan_batch
 from invalgw.lag import LinkStatus
-from invalgw.metrics import Metrics
-from invalgw.policy import Resolver
 from invalgw.proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.read import Entry, GroupReader
-from invalgw.scanner import ScanJob, Scanner
-from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +35,25 @@ class MirrorApplier:
 
     def __init__(
         self,
+        ctx: ApplyContext,
         *,
-        region: str,
         origin: str,
         reader: GroupReader,
-        cache: Cache,
-        dead_letters: DeadLetters,
-        gaps: Gaps,
-        metrics: Metrics,
         origin_clock: ServerClock,
         local_clock: ServerClock,
         status: LinkStatus,
-        status_key: str,
-        resolver: Resolver,
-        scanner: Scanner,
-        tracer: InvalidationTracer,
     ) -> None:
-        self.region = region
-        self.resolver = resolver
-        self.scanner = scanner
+        self.ctx = ctx
         self.origin = origin
         self.reader = reader
-        self.cache = cache
-        self.dead_letters = dead_letters
-        self.gaps = gaps
         self.origin_clock = origin_clock
         self.local_clock = local_clock
         self.status = status
-        self.status_key = status_key
         self.record = AppliedRecord(
-            region=region,
-            origin=origin,
-            stage="mirror",
-            stream=reader.stream,
-            metrics=metrics,
-            tracer=tracer,
-            status=status,
+            ctx, origin=origin, stage="mirror", stream=reader.stream, status=status
         )
+        self._unsure: tuple[LinkStatus, list[bytes]] | None = None
+        """A batch whose acknowledgement failed: its status, and the entries it acknowledged."""
 
     def origin_now_ms(self) -> float:
         """The origin Redis's clock now; this region's clock until a TIME sample of it arrived."""
@@ -84,13 +62,65 @@ class MirrorApplier:
         return self.local_clock.now_ms()
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
+        await self._settle_unsure()
         # What this batch changes in the status counts only once it is applied and acknowledged:
         # if the cache cannot be reached and the mirror is then lost, the gap must still show.
         status = msgspec.structs.replace(self.status)
-        batches: list[Batch] = []
-        scans: dict[bytes, list[Invalidation]] = {}
+        envelopes = await self._envelopes(entries)
+        work = BatchWork([entry_id for entry_id, _ in entries], Plan())
+        events: list[Invalidation] = []
+        for entry_id, envelope in envelopes:
+            for reason, after, upto in _continuity(status, envelope):
+                status.gaps += 1
+                await self.ctx.gaps.record(self.origin, reason, after=after, upto=upto)
+            status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
+            if isinstance(envelope, Batch):
+                events += envelope.events
+                work.keys[entry_id] = [key for event in envelope.events for key in event.keys]
+                patterns = [event for event in envelope.events if event.pattern is not None]
+                if patterns:
+                    work.walks[entry_id] = patterns
+        work.plan = plan_batch(events, self.origin, self.ctx.resolver)
+        started_ns = time.time_ns()
+        status.applied += len(events)  # saved with the acknowledgement, not a second later
+        try:
+            effect = apply_and_ack(self.ctx, self.reader, self.origin, work, status)
+            removed = await self.record.guard(events, started_ns, effect)
+        except BaseException:
+            if work.acking:
+                self._unsure = (status, [i for i in work.ids if i not in work.held])
+            raise
+        self._adopt(status)
+        self.record(events, removed, started_ns, self.origin_now_ms())
+
+    def _adopt(self, status: LinkStatus) -> None:
+        for name in ("epoch", "last_id", "heartbeat_ms", "gaps", "applied"):
+            setattr(self.status, name, getattr(status, name))
+
+    async def _settle_unsure(self) -> None:
+        """After a failed batch: was its acknowledgement carried out all the same (Redis went
+        away after EXEC, before the reply)? Then its status holds, or the next envelope would
+        look like a jump past entries that were applied (a false gap)."""
+        if self._unsure is None:
+            return
+        status, ids = self._unsure
+        pending: list[Any] = []
+        if ids:
+            try:
+                pending = await self.reader.client.xpending_range(
+                    self.reader.stream, self.reader.group, min=ids[0], max=ids[-1], count=len(ids)
+                )
+            except redis.ResponseError:  # the group is gone: its entries are read again
+                self._unsure = None
+                return
+        self._unsure = None
+        if not {item["message_id"] for item in pending} & set(ids):
+            self._adopt(status)
+
+    async def _envelopes(self, entries: Sequence[Entry]) -> list[tuple[bytes, Batch | Heartbeat]]:
+        """The entries' envelopes; the entries that are not one are dead-lettered."""
+        envelopes: list[tuple[bytes, Batch | Heartbeat]] = []
         dead: list[DeadLetter] = []
-        gaps: list[Gap] = []
         for entry_id, fields in entries:
             if not fields:
                 log.info(
@@ -111,44 +141,9 @@ class MirrorApplier:
                 reason = f"envelope from {envelope.origin!r} in the mirror of {self.origin!r}"
                 dead.append(DeadLetter(entry_id, fields, reason, "bad_envelope"))
                 continue
-            gaps += _continuity(status, envelope)
-            status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
-            if isinstance(envelope, Batch):
-                batches.append(envelope)
-                patterns = [event for event in envelope.events if event.pattern is not None]
-                if patterns:
-                    scans[entry_id] = patterns
-        await self.dead_letters.put(self.reader.stream, dead)
-        events = [event for batch in batches for event in batch.events]
-        plan = plan_batch(events, self.origin, self.resolver)
-        started_ns = time.time_ns()
-        for reason, after, upto in gaps:
-            status.gaps += 1
-            await self.gaps.record(self.origin, reason, after=after, upto=upto)
-        for entry_id, patterns in scans.items():  # acknowledged once every walk is done
-            self.reader.hold(entry_id)
-            done = self._ack_after(entry_id, len(patterns))
-            for event in patterns:
-                self.scanner.submit(ScanJob(event, self.origin, done))
-        acked = [entry_id for entry_id, _ in entries if entry_id not in scans]
-        status.applied += len(events)  # saved with the acknowledgement, not a second later
-        effect = apply_and_ack(self.cache, self.reader, acked, plan, self.status_key, status)
-        removed = await self.record.guard(events, started_ns, effect)
-        for name in ("epoch", "last_id", "heartbeat_ms", "gaps", "applied"):
-            setattr(self.status, name, getattr(status, name))
-        self.record(events, removed, started_ns, self.origin_now_ms())
-
-    def _ack_after(self, entry_id: bytes, walks: int) -> Callable[[], Awaitable[None]]:
-        """A callback that acknowledges ``entry_id`` when called for the ``walks``-th time."""
-        remaining = walks
-
-        async def done() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                await self.reader.ack([entry_id])
-
-        return done
+            envelopes.append((entry_id, envelope))
+        await self.ctx.dead_letters.put(self.reader.stream, dead)
+        return envelopes
 
 
 Gap = tuple[str, str, str]

@@ -43,6 +43,11 @@ class Names:
         return f"{self.namespace}:gaps"
 
     @property
+    def lost(self) -> str:
+        """Hash: per stream and consumer group, the last lost ID already reported as a gap."""
+        return f"{self.namespace}:lost"
+
+    @property
     def lease(self) -> str:
         """Key in the region's Redis naming the gateway that runs the region's stages."""
         return f"{self.namespace}:lease"

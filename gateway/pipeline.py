@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from invalgw.apply import LocalApplier
+from invalgw.apply import ApplyContext, LocalApplier
 from invalgw.epoch import EpochWatch
 from invalgw.forward import Forwarder
 from invalgw.lag import StatusSource
@@ -33,21 +33,25 @@ def build_pipeline(region: Region) -> Pipeline:
     pipeline = Pipeline()
     config, names = region.config, region.names
 
-    local = LocalApplier(
+    ctx = ApplyContext(
         region=region.name,
-        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply"),
         cache=region.cache,
+        retries=region.retries,
         dead_letters=region.dead_letters,
         gaps=region.gaps,
         limits=config.limits,
         metrics=region.metrics,
-        clock=region.local_clock,
-        status=region.statuses[region.name],
-        status_key=names.status,
-        epoch=region.epoch,
         resolver=region.resolver,
         scanner=region.scanner,
         tracer=region.tracer,
+        status_key=names.status,
+    )
+    local = LocalApplier(
+        ctx,
+        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply"),
+        clock=region.local_clock,
+        status=region.statuses[region.name],
+        epoch=region.epoch,
     )
 
     async def local_entries_lost(ids: list[bytes]) -> None:
@@ -96,20 +100,12 @@ def build_pipeline(region: Region) -> Pipeline:
 
         name = f"from:{peer.name}"
         mirror = MirrorApplier(
-            region=region.name,
+            ctx,
             origin=peer.name,
             reader=_reader(region, names.mirror(peer.name), APPLY_GROUP, name),
-            cache=region.cache,
-            dead_letters=region.dead_letters,
-            gaps=region.gaps,
-            metrics=region.metrics,
             origin_clock=region.peer_clocks[peer.name],
             local_clock=region.local_clock,
             status=region.statuses[peer.name],
-            status_key=names.status,
-            resolver=region.resolver,
-            scanner=region.scanner,
-            tracer=region.tracer,
         )
         pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
         pipeline.status_sources.append(

@@ -29,6 +29,8 @@ from typing import Literal
 
 import msgspec
 
+from invalgw.proto import WILDCARDS
+
 Mode = Literal["unlink", "expire", "hybrid"]
 STRICTNESS: dict[str, int] = {"expire": 0, "hybrid": 1, "unlink": 2}
 
@@ -154,9 +156,9 @@ class Resolver:
 def _matcher(pattern: str) -> Callable[[str], bool]:
     """A fast test for one glob: plain prefix patterns use ``startswith``."""
     body = pattern[:-1]
-    if pattern.endswith("*") and not any(c in body for c in "*?[\\"):
+    if pattern.endswith("*") and not any(c in body for c in WILDCARDS):
         return lambda key: key.startswith(body)
-    if not any(c in pattern for c in "*?[\\"):
+    if not any(c in pattern for c in WILDCARDS):
         return lambda key: key == pattern
     regex = re.compile(fnmatch.translate(pattern), re.DOTALL)
     return lambda key: regex.match(key) is not None
@@ -165,6 +167,6 @@ def _matcher(pattern: str) -> Callable[[str], bool]:
 def literal_prefix(pattern: str) -> str:
     """The part of a glob before its first wildcard (what a SCAN can be narrowed by)."""
     for i, char in enumerate(pattern):
-        if char in "*?[\\":
+        if char in WILDCARDS:
             return pattern[:i]
     return pattern

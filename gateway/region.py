@@ -28,6 +28,7 @@ from invalgw.metrics import Metrics
 from invalgw.names import Names
 from invalgw.policy import Resolver
 from invalgw.proto import Invalidation
+from invalgw.retries import CacheRetries
 from invalgw.scanner import ScanJob, Scanner
 from invalgw.stages import Drain
 from invalgw.tracing import InvalidationTracer
@@ -50,6 +51,8 @@ class Region:
     resolver: Resolver
     tracer: InvalidationTracer
     scanner: Scanner
+    retries: CacheRetries
+    """Keys on cache nodes that did not answer, retried apart from the stream."""
     dead_letters: DeadLetters
     gaps: Gaps
     epoch: Epoch
@@ -118,6 +121,8 @@ def open_region(
         cache_client,
         fence_ttl_ms=config.policy.fence_ttl_ms,
         in_stream_redis=config.cache is None,
+        region=config.region,
+        metrics=metrics,
     )
     resolver = Resolver(config.policy, config.region, config.regions)
     scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
@@ -146,6 +151,7 @@ def open_region(
             peers={peer.name: address for peer in config.peers if (address := _address(peer))},
         ),
         scanner=scanner,
+        retries=CacheRetries(cache, drain=drain),
         dead_letters=DeadLetters(
             local,
             names.dead_letters,

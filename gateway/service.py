@@ -189,6 +189,7 @@ class Gateway:
             background.start_soon(self._keep_lease, region, lease)
             async with anyio.create_task_group() as workers:
                 await workers.start(region.scanner.run)
+                await workers.start(region.retries.run)
                 for stage in pipeline.stages:
                     await workers.start(stage.run)
                 log.info(

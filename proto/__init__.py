@@ -5,6 +5,7 @@ No I/O here and no dependency on the gateway: producers and tools can import it 
 
 from invalgw.proto.entry import (
     CONTRACT_VERSION,
+    WILDCARDS,
     Invalidation,
     InvalidEntry,
     Limits,
@@ -17,6 +18,7 @@ from invalgw.proto.streamid import StreamId
 
 __all__ = [
     "CONTRACT_VERSION",
+    "WILDCARDS",
     "Batch",
     "Envelope",
     "Heartbeat",

@@ -37,6 +37,9 @@ WHITESPACE = " \t\n\r\f\v"
 """What separates keys when an entry has no ``sep``: ASCII whitespace only, as in most languages'
 "split on whitespace". Other characters (``\\x1f``, a no-break space, an ideographic space) are
 part of a key."""
+WILDCARDS = "*?[\\"
+"""The characters that make a key pattern a glob (Redis ``SCAN MATCH`` syntax): the part of a
+pattern before the first of them is literal."""
 _WHITESPACE_RUN = re.compile(r"[ \t\n\r\f\v]+")
 
 
@@ -243,7 +246,7 @@ def _checked_pattern(pattern: str, limits: Limits) -> str:
         )
     prefix = len(pattern)
     for i, char in enumerate(pattern):
-        if char in "*?[\\":
+        if char in WILDCARDS:
             prefix = i
             break
     if prefix < limits.min_pattern_prefix:

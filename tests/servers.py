@@ -44,6 +44,10 @@ class RedisServer:
         """Stop the server abruptly; what it had not persisted is lost."""
         self.process.kill()
 
+    def terminate(self) -> None:
+        """Stop the server gracefully (SIGTERM: it writes what its ``args`` persist)."""
+        self.process.stop()
+
     def restart(self) -> None:
         """Start it again on the same port."""
         self.process.start()

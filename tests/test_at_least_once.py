@@ -19,13 +19,13 @@ from invalgw.clock import ServerClock
 from invalgw.config import RegionConfig
 from invalgw.epoch import Epoch
 from invalgw.forward import Forwarder
-from invalgw.housekeeping import trim_stream
 from invalgw.metrics import Metrics
 from invalgw.names import APPLY_GROUP, Names, forward_group
 from invalgw.proto import Batch, Limits, StreamId, decode_envelope, entry_fields
 from invalgw.read import Entry, GroupReader
 from invalgw.stages import Drain
 from invalgw.tracing import InvalidationTracer
+from invalgw.trim import trim_stream
 from tests.conftest import (
     REGIONS,
     clients,

@@ -24,6 +24,7 @@ from invalgw.config import RedisEndpoint, RegionConfig
 from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect
 from invalgw.lag import LinkStatus, status_decoder
 from invalgw.names import APPLY_GROUP, Names, forward_group
+from invalgw.trim import GroupPosition, StreamState, unread
 
 STALE_MS = 3000.0
 """A region whose gateway has not written its status for this long is not running."""
@@ -297,7 +298,7 @@ async def _read_region(client: AsyncRedis, target: RegionTarget) -> _RegionReadi
         pipe.xlen(names.gaps)
         for peer in target.peers:
             pipe.xinfo_groups(names.mirror(peer))
-            pipe.xlen(names.mirror(peer))
+            pipe.xinfo_stream(names.mirror(peer))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     (server_time, raw_statuses, local_groups, stream_info, dead, gaps, *mirrors) = replies
     for reply in (server_time, raw_statuses, dead, gaps):
@@ -311,14 +312,15 @@ async def _read_region(client: AsyncRedis, target: RegionTarget) -> _RegionReadi
             continue
     mirror_backlogs: dict[str, int | None] = {}
     for i, peer in enumerate(target.peers):
-        groups, length = mirrors[2 * i : 2 * i + 2]
-        mirror_backlogs[peer] = _backlogs(groups).get(APPLY_GROUP, int(length))
+        groups, mirror_info = mirrors[2 * i : 2 * i + 2]
+        length = int(mirror_info["length"]) if isinstance(mirror_info, dict) else 0
+        mirror_backlogs[peer] = _backlogs(groups, mirror_info).get(APPLY_GROUP, length)
     info = stream_info if isinstance(stream_info, dict) else {}
     seconds, micros = server_time
     return _RegionReading(
         now_ms=seconds * 1000 + micros / 1000,
         statuses=statuses,
-        local_groups=_backlogs(local_groups),
+        local_groups=_backlogs(local_groups, stream_info),
         mirror_backlogs=mirror_backlogs,
         entries_added=info.get("entries-added"),
         stream_length=int(info.get("length", 0)),
@@ -327,22 +329,26 @@ async def _read_region(client: AsyncRedis, target: RegionTarget) -> _RegionReadi
     )
 
 
-def _backlogs(groups: Any) -> dict[str, int | None]:
-    """Group name → entries not yet acknowledged (pending + not yet read), from XINFO GROUPS.
+def _backlogs(groups: Any, stream_info: Any) -> dict[str, int | None]:
+    """Group name → entries not yet acknowledged (pending + not yet read), from stream IDs
+    (:func:`invalgw.trim.unread`), not ``XINFO GROUPS`` lag, which Redis 7.0 leaves wrong after
+    an AOF rewrite and restart.
 
-    ``None`` when Redis cannot tell how many entries are left to read (its ``lag`` is null after
-    entries were deleted from the middle of the stream).
+    ``None`` when only a count could tell how many entries are left to read.
     """
     if isinstance(groups, redis.ResponseError):
         return {}  # no such stream yet
     if isinstance(groups, Exception):
         raise groups
-    return {
-        group["name"].decode(): None
-        if group.get("lag") is None
-        else int(group["pending"]) + int(group["lag"])
-        for group in groups
-    }
+    if not isinstance(stream_info, dict):
+        return {}
+    state = StreamState.parse(stream_info)
+    backlogs: dict[str, int | None] = {}
+    for raw in groups:
+        group = GroupPosition.parse(raw)
+        left = unread(group, state)
+        backlogs[group.name] = None if left is None else group.pending + left
+    return backlogs
 
 
 def _counters(readings: Mapping[str, _RegionReading | Exception]) -> dict[str, int]:
