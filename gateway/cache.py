@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from invalgw.effects import Plan
+from invalgw.effects import Key, Plan
 from invalgw.fence import APPLY_SCRIPT as FENCE_SCRIPT
 from invalgw.fence import fence_key, hash_tag
 
@@ -66,7 +66,7 @@ class Cache:
         self._refused = False
         """The cache refused the one-script apply for a reason other than a moved slot."""
 
-    async def unlink(self, keys: Sequence[str]) -> int:
+    async def unlink(self, keys: Sequence[Key]) -> int:
         """Remove ``keys``; returns how many existed. Idempotent, so redelivery is harmless."""
         return await self.apply(Plan(unlink=list(keys)))
 
@@ -92,7 +92,7 @@ class Cache:
             return {None: Plan(unlink=plan.unlink, expire=plan.expire)}
         await self.client.initialize()
         parts: dict[ClusterNode | None, Plan] = defaultdict(Plan)
-        node_of = self.client.get_node_from_key
+        node_of: Any = self.client.get_node_from_key  # takes bytes too (it hashes the encoding)
         for key in plan.unlink:
             parts[node_of(key)].unlink.append(key)
         for key, ttl in plan.expire:
@@ -149,15 +149,15 @@ class Cache:
             counted.append(True)
         return counted
 
-    def _unlink_groups(self, keys: list[str]) -> list[list[str]]:
+    def _unlink_groups(self, keys: list[Key]) -> list[list[Key]]:
         """Standalone: chunks. Cluster: key by key, since a multi-key UNLINK in a slot that is
         being migrated fails (TRYAGAIN) while its keys are on both nodes."""
         if self.cluster:
             return [[key] for key in keys]
         return [keys[i : i + UNLINK_CHUNK] for i in range(0, len(keys), UNLINK_CHUNK)]
 
-    async def scan(self, pattern: str, *, count: int = 1000) -> AsyncIterator[list[str]]:
-        """Batches of keys matching ``pattern``, from every primary (SCAN, never KEYS).
+    async def scan(self, pattern: str, *, count: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Batches of keys (bytes) matching ``pattern``, from every primary (SCAN, never KEYS).
 
         A pattern that starts with a hash tag (``{user:1001}:*``) is looked for only on the node
         that owns that tag's slot.
@@ -178,7 +178,7 @@ class Cache:
                 yield batch
 
 
-def _bulk_args(part: Plan) -> Iterator[list[str | int]]:
+def _bulk_args(part: Plan) -> Iterator[list[Key | int]]:
     """Arguments of the script calls for ``part``, at most UNLINK_CHUNK keys each."""
     for i in range(0, len(part.unlink), UNLINK_CHUNK):
         chunk = part.unlink[i : i + UNLINK_CHUNK]
@@ -187,17 +187,18 @@ def _bulk_args(part: Plan) -> Iterator[list[str | int]]:
         yield [0, *(item for pair in part.expire[i : i + UNLINK_CHUNK] for item in pair)]
 
 
-async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[list[str]]:
+async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[list[bytes]]:
+    """SCAN one node. Keys stay bytes as Redis gives them: a key need not be UTF-8."""
     cursor: int | bytes = 0
     while True:
         cursor, keys = await execute("SCAN", cursor, "MATCH", pattern, "COUNT", count)
         if keys:
-            yield [key.decode() if isinstance(key, bytes) else key for key in keys]
+            yield list(keys)
         if int(cursor) == 0:
             return
 
 
-def queue_unlink(pipe: Any, keys: Sequence[str]) -> int:
+def queue_unlink(pipe: Any, keys: Sequence[Key]) -> int:
     """Queue UNLINKs of ``keys`` on a pipeline; returns how many commands (replies) that is."""
     for start in range(0, len(keys), UNLINK_CHUNK):
         pipe.unlink(*keys[start : start + UNLINK_CHUNK])

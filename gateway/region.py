@@ -19,6 +19,7 @@ from invalgw.cache import Cache
 from invalgw.clock import ServerClock, sample_clock
 from invalgw.config import RedisEndpoint, RegionConfig
 from invalgw.connections import AsyncRedis, Connector, close, connect_cache
+from invalgw.deadletter import REASONS as DEAD_LETTER_REASONS
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
 from invalgw.gaps import Gaps
@@ -106,13 +107,28 @@ def open_region(
         stack.push_async_callback(close, each)
 
     names = Names(config.streams.namespace, config.streams.local)
+    metrics.start_at_zero(config.regions, DEAD_LETTER_REASONS)
     cache = Cache(
         cache_client,
         fence_ttl_ms=config.policy.fence_ttl_ms,
         in_stream_redis=config.cache is None,
     )
     resolver = Resolver(config.policy, config.region, config.regions)
-    scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
+    dead_letters = DeadLetters(
+        local,
+        names.dead_letters,
+        region=config.region,
+        max_len=config.streams.dead_letter_max_len,
+        metrics=metrics,
+    )
+    scanner = Scanner(
+        cache,
+        resolver,
+        region=config.region,
+        metrics=metrics,
+        drain=drain,
+        dead_letters=dead_letters,
+    )
     stack.callback(scanner.close)
 
     def resync(origin: str) -> None:
@@ -134,13 +150,7 @@ def open_region(
         resolver=resolver,
         tracer=InvalidationTracer(config.region, tracer_provider),
         scanner=scanner,
-        dead_letters=DeadLetters(
-            local,
-            names.dead_letters,
-            region=config.region,
-            max_len=config.streams.dead_letter_max_len,
-            metrics=metrics,
-        ),
+        dead_letters=dead_letters,
         gaps=Gaps(local, names.gaps, region=config.region, metrics=metrics, resync=resync),
         epoch=Epoch(local, names.epoch),
         peer_clocks={name: ServerClock() for name in peers},

@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from invalgw.cache import Cache
 from invalgw.connections import REDIS_ERRORS
+from invalgw.deadletter import DeadLetters, event_letter
 from invalgw.effects import Plan, plan_keys
 from invalgw.fence import is_fence_key
 from invalgw.metrics import Metrics
@@ -32,6 +33,8 @@ from invalgw.stages import Drain, backoff_seconds, log_failure
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
+MAX_ATTEMPTS = 3
+"""Walks of one job that fail on something other than Redis before it is dead-lettered."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,10 @@ class Scanner:
         metrics: Metrics,
         drain: Drain,
         batch: int = 1000,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.cache = cache
+        self.dead_letters = dead_letters
         self.resolver = resolver
         self.region = region
         self.drain = drain
@@ -104,7 +109,9 @@ class Scanner:
         self._queue.close()
 
     async def _run(self, job: ScanJob) -> None:
-        failures = 0
+        """Walk until done; Redis errors are retried, any other error :data:`MAX_ATTEMPTS`
+        times, after which the job is dead-lettered and acknowledged (never a crash loop)."""
+        failures = errors = 0
         while not self.drain.requested:
             try:
                 if await self._walk(job):
@@ -113,8 +120,26 @@ class Scanner:
                 failures += 1
                 log_failure(f"pattern {job.event.pattern!r}", exc, failures)
                 await self.drain.sleep(backoff_seconds(failures))
+            except Exception as exc:
+                errors += 1
+                if errors >= MAX_ATTEMPTS:
+                    await self._give_up(job, exc)
+                    return
             else:
                 return
+
+    async def _give_up(self, job: ScanJob, exc: Exception) -> None:
+        reason = (
+            f"the walk of pattern {job.event.pattern!r} failed {MAX_ATTEMPTS} times: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        log.error("pattern from %s: %s", job.origin, reason)
+        if self.dead_letters is not None:
+            letter = event_letter(
+                job.event.id.encode(), job.origin, job.event, reason, "handler_failed"
+            )
+            await self.dead_letters.put(f"pattern walk ({job.origin})", [letter])
+        await job.done()
 
     async def _walk(self, job: ScanJob) -> bool:
         """Apply the job to every matching key; False if a drain stopped it half way."""
