@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.set_defaults(command=cmd_publish)
 
     from invalgw.dev import bench, demo, wanproxy
-    from invalgw.ops import lag, probe
+    from invalgw.ops import acl, lag, probe
 
+    acl.add_parser(commands)
     lag.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)

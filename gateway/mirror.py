@@ -17,13 +17,22 @@ import msgspec
 from invalgw.apply import AppliedRecord, apply_and_ack
 from invalgw.cache import Cache
 from invalgw.clock import ServerClock
-from invalgw.deadletter import DeadLetter, DeadLetters
+from invalgw.deadletter import DeadLetter, DeadLetters, event_letter
 from invalgw.effects import plan_batch
 from invalgw.gaps import Gaps
 from invalgw.lag import LinkStatus
 from invalgw.metrics import Metrics
 from invalgw.policy import Resolver
-from invalgw.proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
+from invalgw.proto import (
+    Batch,
+    Heartbeat,
+    Invalidation,
+    InvalidEntry,
+    Limits,
+    StreamId,
+    check_invalidation,
+    decode_envelope,
+)
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.read import Entry, GroupReader
 from invalgw.scanner import ScanJob, Scanner
@@ -46,6 +55,7 @@ class MirrorApplier:
         cache: Cache,
         dead_letters: DeadLetters,
         gaps: Gaps,
+        limits: Limits,
         metrics: Metrics,
         origin_clock: ServerClock,
         local_clock: ServerClock,
@@ -63,6 +73,8 @@ class MirrorApplier:
         self.cache = cache
         self.dead_letters = dead_letters
         self.gaps = gaps
+        self.limits = limits
+        """This region's own limits and names: every event of an envelope is checked with them."""
         self.origin_clock = origin_clock
         self.local_clock = local_clock
         self.status = status
@@ -114,6 +126,7 @@ class MirrorApplier:
             gaps += _continuity(status, envelope)
             status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
             if isinstance(envelope, Batch):
+                envelope = self._screened(entry_id, envelope, dead)
                 batches.append(envelope)
                 patterns = [event for event in envelope.events if event.pattern is not None]
                 if patterns:
@@ -135,6 +148,22 @@ class MirrorApplier:
         for name in ("epoch", "last_id", "heartbeat_ms", "gaps"):
             setattr(self.status, name, getattr(status, name))
         self.record(events, removed, started_ns, self.origin_now_ms())
+
+    def _screened(self, entry_id: bytes, batch: Batch, dead: list[DeadLetter]) -> Batch:
+        """``batch`` without the events this region refuses (each one added to ``dead``): an
+        envelope can do no more here than a valid entry of a local producer could."""
+        kept: list[Invalidation] = []
+        for event in batch.events:
+            try:
+                check_invalidation(event, self.limits)
+            except InvalidEntry as exc:
+                reason = f"invalidation {event.id} from {self.origin}: {exc.reason}"
+                dead.append(event_letter(entry_id, self.origin, event, reason, exc.code))
+            else:
+                kept.append(event)
+        if len(kept) == len(batch.events):
+            return batch
+        return msgspec.structs.replace(batch, events=kept)
 
     def _ack_after(self, entry_id: bytes, walks: int) -> Callable[[], Awaitable[None]]:
         """A callback that acknowledges ``entry_id`` when called for the ``walks``-th time."""

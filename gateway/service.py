@@ -13,15 +13,17 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 import anyio.abc
 import anyio.to_thread
+import redis
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import start_http_server
 
 from invalgw import tracing
-from invalgw.config import RegionConfig
+from invalgw.config import RegionConfig, redact
 from invalgw.connections import REDIS_ERRORS, Connector, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
@@ -83,7 +85,7 @@ class Gateway:
                     tracer_provider=self.tracer_provider,
                 )
                 ready = await until_ok(
-                    region.prepare,
+                    partial(_refused_is_fatal, region),
                     self.drain,
                     name=f"{region.name}: connect",
                     on_error=region.counts_errors("connect"),
@@ -209,6 +211,21 @@ class Gateway:
         stack.callback(server.server_close)
         stack.callback(server.shutdown)
         log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
+
+
+async def _refused_is_fatal(region: Region) -> None:
+    """:meth:`Region.prepare`, where a credential the region's Redis refuses (wrong password,
+    or an ACL user without a command the gateway needs) stops the gateway with one clear line:
+    retrying would not help."""
+    url = redact(region.config.redis.url)
+    try:
+        await region.prepare()
+    except redis.AuthenticationError as exc:
+        raise GatewayError(f"{region.name} (redis): {url}: authentication failed: {exc}") from None
+    except redis.exceptions.NoPermissionError as exc:
+        raise GatewayError(
+            f"{region.name} (redis): {url}: permission denied: {exc} (see invalgw acl)"
+        ) from None
 
 
 def tune_gc() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from invalgw.config import RegionConfig, load_config
-from invalgw.ops.lagtable import LagCollector, Snapshot, render_json, render_text
+from invalgw.ops.lagtable import AUTH_FAILED, LagCollector, Snapshot, render_json, render_text
 from invalgw.ops.terminal import Screen
 
 
@@ -60,6 +60,12 @@ async def _lag(configs: list[RegionConfig], args: argparse.Namespace) -> int:
         if not args.watch:
             snapshot = await collector.collect()
             _print(snapshot, args, None)
+            for region in snapshot.regions:
+                if region.error is not None and region.error.startswith(AUTH_FAILED):
+                    print(
+                        f"invalgw lag: {region.region}: {region.redis}: {region.error}",
+                        file=sys.stderr,
+                    )
             return 1 if not any(region.reachable for region in snapshot.regions) else 0
         screen = Screen(sys.stdout, color=_color(args))
         try:
