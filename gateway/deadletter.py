@@ -69,16 +69,13 @@ class DeadLetters:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for letter in letters:
-                fields: dict[Any, Any] = dict(letter.fields)
-                fields.update(
-                    {
-                        "dead.reason": letter.reason,
-                        "dead.stream": source_stream,
-                        "dead.id": letter.entry_id,
-                        "dead.region": self.region,
-                    }
-                )
-                pipe.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)
+                # every field as it was, repeated names included (StreamFields keeps them)
+                pairs: list[Any] = getattr(letter.fields, "pairs", None) or [
+                    item for pair in letter.fields.items() for item in pair
+                ]
+                pairs += ["dead.reason", letter.reason, "dead.stream", source_stream]
+                pairs += ["dead.id", letter.entry_id, "dead.region", self.region]
+                pipe.execute_command("XADD", self.stream, "MAXLEN", "~", self.max_len, "*", *pairs)
             await pipe.execute()
         for letter in letters:
             self.metrics.dead_letters.labels(self.region, letter.code).inc()

@@ -189,10 +189,12 @@ class StreamFields(dict[bytes, bytes]):
     type, and :func:`parse_entry` refuses an entry with ``duplicate`` set.
     """
 
-    __slots__ = ("duplicate",)
+    __slots__ = ("duplicate", "pairs")
 
     def __init__(self, pairs: Sequence[bytes] = ()) -> None:
         super().__init__()
+        self.pairs = list(pairs)
+        """Every field as Redis holds it, repeated names included (kept in a dead letter)."""
         self.duplicate: bytes | None = None
         for i in range(0, len(pairs) - 1, 2):
             name = pairs[i]
@@ -250,6 +252,12 @@ def check_invalidation(event: Invalidation, limits: Limits) -> None:
         raise InvalidEntry("no keys and no pattern", "no_keys")
     else:
         _check_keys(event.keys, limits)
+        size = sum(len(key.encode()) for key in event.keys) + len(event.keys) - 1
+        if size > limits.max_field_bytes:
+            raise InvalidEntry(
+                f"keys take {size} bytes, over the limit of {limits.max_field_bytes}",
+                "field_too_long",
+            )
     limits.check_names(event.keys, event.pattern)
 
 
