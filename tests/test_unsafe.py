@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from invalgw.deadletter import REASONS, DeadLetter, DeadLetters
 from invalgw.errors import ConfigError
 from invalgw.metrics import Metrics
 from invalgw.names import Names
+from invalgw.poison import MAX_ATTEMPTS, PoisonGuard
+from invalgw.read import Entry, GroupReader
 from tests.conftest import clients, metric, running, stream_entries, wait_until, write_config
 from tests.servers import RedisServer
 
@@ -168,3 +172,47 @@ async def test_alerting_counters_exist_at_zero_from_start_up(
 def _raw(reply: Any, **_options: Any) -> Any:
     """A reply as Redis sent it: an entry's fields as a flat list, repeated names included."""
     return reply
+
+
+@pytest.mark.anyio
+async def test_an_entry_a_stage_keeps_failing_on_is_dead_lettered_and_the_rest_handled(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """A handler that raises on one entry (a bug met by odd data): that entry is dead-lettered
+    after three tries and acknowledged; the others are handled; nothing is raised."""
+    config = parse_config({"region": "us-east", "redis": {"url": session_servers[0].url}})
+    async with clients({"us-east": config}) as redis_by_region:
+        client = redis_by_region["us-east"]
+        stream = f"{namespace}:stream"
+        reader = GroupReader(client, stream, "g", "c", count=10, block_ms=10)
+        await reader.ensure_group()
+        for name in (b"a", b"poison", b"b"):
+            await client.xadd(stream, {b"k": name})
+        tries: Counter[bytes] = Counter()
+        handled: list[bytes] = []
+
+        async def handler(entries: Sequence[Entry]) -> None:
+            for _, fields in entries:
+                tries[fields[b"k"]] += 1
+                if fields[b"k"] == b"poison":
+                    raise KeyError("a bug met by this entry")
+            for entry_id, _ in entries:
+                handled.append(entry_id)
+            await reader.ack([entry_id for entry_id, _ in entries])
+
+        metrics = Metrics("us-east")
+        letters = DeadLetters(
+            client, f"{namespace}:dead", region="us-east", max_len=1000, metrics=metrics
+        )
+        guarded = PoisonGuard(handler, reader, letters, name="apply")
+        assert await reader.read() == []  # this consumer's pending entries: none yet
+        await guarded(await reader.read())
+        assert tries[b"poison"] == 1 + MAX_ATTEMPTS
+        assert len(handled) == 2
+        [(_, letter)] = await stream_entries(client, f"{namespace}:dead")
+        assert letter[b"k"] == b"poison"
+        assert b"apply failed 3 times on this entry: KeyError" in letter[b"dead.reason"]
+        pending: Any = await client.xpending(stream, "g")
+        assert pending["pending"] == 0
+        labels = {"region": "us-east", "reason": "handler_failed"}
+        assert metrics.registry.get_sample_value("invalgw_dead_letters_total", labels) == 1
