@@ -70,20 +70,25 @@ class Scanner:
         self._jobs: MemoryObjectSendStream[ScanJob]
         self._queue: MemoryObjectReceiveStream[ScanJob]
         self._jobs, self._queue = anyio.create_memory_object_stream[ScanJob](math.inf)
-        self._active: set[tuple[str, str]] = set()
+        self._active: dict[tuple[str, str], list[Callable[[], Awaitable[None]]]] = {}
+        """Jobs queued or running, with the ``done`` of the same jobs submitted meanwhile."""
         self._keys = metrics.pattern_keys
         self._finished = metrics.pattern_invalidations
         self._in_progress = metrics.pattern_in_progress.labels(region)
 
     def submit(self, job: ScanJob) -> None:
-        """Queue ``job`` unless the same entry is already queued or running (a redelivery)."""
-        if job.key in self._active:
+        """Queue ``job`` unless the same job is already queued or running (a redelivery, or
+        another entry naming the same event): then it joins that walk, and its ``done`` is
+        called when the walk ends, so its entry is acknowledged too, never left pending."""
+        joined = self._active.get(job.key)
+        if joined is not None:
+            joined.append(job.done)
             return
         try:
             self._jobs.send_nowait(job)
         except anyio.ClosedResourceError:  # stopped: the entry stays pending for the next run
             return
-        self._active.add(job.key)
+        self._active[job.key] = []
         self._in_progress.set(len(self._active))
 
     async def run(
@@ -100,7 +105,7 @@ class Scanner:
                 try:
                     await self._run(job)
                 finally:
-                    self._active.discard(job.key)
+                    self._active.pop(job.key, None)
                     self._in_progress.set(len(self._active))
 
     def close(self) -> None:
@@ -115,7 +120,7 @@ class Scanner:
         while not self.drain.requested:
             try:
                 if await self._walk(job):
-                    await job.done()
+                    await self._done(job)
             except REDIS_ERRORS as exc:
                 failures += 1
                 log_failure(f"pattern {job.event.pattern!r}", exc, failures)
@@ -139,7 +144,14 @@ class Scanner:
                 job.event.id.encode(), job.origin, job.event, reason, "handler_failed"
             )
             await self.dead_letters.put(f"pattern walk ({job.origin})", [letter])
+        await self._done(job)
+
+    async def _done(self, job: ScanJob) -> None:
+        """Tell the job, and every one that joined it, that the walk is over."""
         await job.done()
+        joined = self._active.get(job.key, [])
+        while joined:
+            await joined.pop(0)()
 
     async def _walk(self, job: ScanJob) -> bool:
         """Apply the job to every matching key; False if a drain stopped it half way."""

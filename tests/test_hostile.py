@@ -312,6 +312,24 @@ def test_forged_envelopes_do_no_more_than_a_local_producer_could(
     assert mesh.all_running()
 
 
+@pytest.mark.e2e
+def test_an_envelope_repeating_a_pattern_event_is_still_acknowledged(
+    mesh: Mesh, namespace: str
+) -> None:
+    """Two pattern events with one ID in one envelope make one walk; the entry must not stay
+    pending for ever (it would pin the mirror stream and look like a stuck link)."""
+    west, names = mesh.redis["eu-west"], mesh.names
+    keys = [f"{namespace}:p:{i}" for i in range(10)]
+    west.mset(dict.fromkeys(keys, b"1"))
+    warm_up(mesh, namespace)
+    twice = Invalidation("9-9", "unlink", [], pattern=f"{namespace}:p:*")
+    forge(mesh, "eu-west", "us-east", [twice, twice])
+    mirror = names.mirror("us-east")
+    wait_for(partial(_none_exist, west, keys), what="the pattern walked")
+    wait_for(partial(settled, west, mirror), what="the forged entry acknowledged")
+    assert mesh.all_running()
+
+
 # --- fuzz: anything a peer can XADD into its mirror stream ----------------------------------
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
