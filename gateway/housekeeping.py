@@ -42,7 +42,7 @@ async def group_positions(client: AsyncRedis, stream: str) -> list[GroupPosition
     groups = await client.xinfo_groups(stream)
     return [
         GroupPosition(
-            name=group["name"].decode(),
+            name=group["name"].decode(errors="backslashreplace"),  # anyone may name a group
             last_delivered=StreamId.parse(group["last-delivered-id"]),
             pending=int(group["pending"]),
             lag=None if group.get("lag") is None else int(group["lag"]),

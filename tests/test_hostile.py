@@ -239,6 +239,18 @@ def test_entries_aimed_at_the_gateway_are_refused_and_its_state_survives(
     assert mesh.all_running()
 
 
+@pytest.mark.e2e
+def test_a_consumer_group_named_in_binary_does_not_stop_the_gateway(
+    mesh: Mesh, namespace: str
+) -> None:
+    """Another application's group on the stream, its name not UTF-8: named in the log."""
+    east = mesh.redis["us-east"]
+    east.xgroup_create(mesh.names.local_stream, b"other-\xff", id="$")
+    mesh.gateways["us-east"].wait_for_log("other-\\xff")
+    warm_up(mesh, namespace)
+    assert mesh.all_running()
+
+
 def forge(mesh: Mesh, region: str, origin: str, events: list[Invalidation]) -> bytes:
     """An envelope written straight into ``region``'s mirror of ``origin`` (a peer's XADD), in
     the origin's real epoch so that only its events can be judged."""
