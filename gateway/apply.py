@@ -13,7 +13,7 @@ import redis
 from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
 from invalgw.clock import ServerClock
 from invalgw.deadletter import DeadLetter, DeadLetters
-from invalgw.effects import Plan, plan_batch
+from invalgw.effects import Key, Plan, plan_batch
 from invalgw.epoch import Epoch
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
@@ -263,7 +263,7 @@ async def ack_with_status(
     status_key: str,
     status: LinkStatus,
     *,
-    unlink: Sequence[str] = (),
+    unlink: Sequence[Key] = (),
 ) -> int:
     """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
 

@@ -22,7 +22,7 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from invalgw.connections import CONNECTION_ERRORS
-from invalgw.effects import Plan
+from invalgw.effects import Key, Plan
 from invalgw.fence import APPLY_SCRIPT as FENCE_SCRIPT
 from invalgw.fence import fence_key, hash_tag
 from invalgw.metrics import Metrics
@@ -109,7 +109,7 @@ class Cache:
         self._redirect_logged = 0.0
         self._redirects_unlogged = 0
 
-    async def unlink(self, keys: Sequence[str]) -> int:
+    async def unlink(self, keys: Sequence[Key]) -> int:
         """Remove ``keys``; returns how many existed. Idempotent, so redelivery is harmless."""
         return await self.apply(Plan(unlink=list(keys)))
 
@@ -180,7 +180,7 @@ class Cache:
             return {None: plan}
         await self.client.initialize()
         parts: dict[ClusterNode | None, Plan] = defaultdict(Plan)
-        node_of = self.client.get_node_from_key
+        node_of: Any = self.client.get_node_from_key  # takes bytes too (it hashes the encoding)
         for key in plan.unlink:
             parts[node_of(key)].unlink.append(key)
         for key, ttl in plan.expire:
@@ -214,10 +214,8 @@ class Cache:
         refused = Plan()
         asked = 0
         for _removed, unlinks, expires, ask in replies:
-            refused.unlink += [_text(key) for key in unlinks]
-            refused.expire += [
-                (_text(expires[i]), int(expires[i + 1])) for i in range(0, len(expires), 2)
-            ]
+            refused.unlink += unlinks  # bytes: a key need not be UTF-8
+            refused.expire += [(expires[i], int(expires[i + 1])) for i in range(0, len(expires), 2)]
             asked += int(ask)
         if refused:
             self.redirected(len(refused.unlink) + len(refused.expire), asked=asked)
@@ -268,15 +266,15 @@ class Cache:
             counted.append(True)
         return counted
 
-    def _unlink_groups(self, keys: list[str]) -> list[list[str]]:
+    def _unlink_groups(self, keys: list[Key]) -> list[list[Key]]:
         """Standalone: chunks. Cluster: key by key, since a multi-key UNLINK in a slot that is
         being migrated fails (TRYAGAIN) while its keys are on both nodes."""
         if self.cluster:
             return [[key] for key in keys]
         return [keys[i : i + UNLINK_CHUNK] for i in range(0, len(keys), UNLINK_CHUNK)]
 
-    async def scan(self, pattern: str, *, count: int = 1000) -> AsyncIterator[list[str]]:
-        """Batches of keys matching ``pattern``, from every primary (SCAN, never KEYS).
+    async def scan(self, pattern: str, *, count: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Batches of keys (bytes) matching ``pattern``, from every primary (SCAN, never KEYS).
 
         A pattern that starts with a hash tag (``{user:1001}:*``) is looked for only on the node
         that owns that tag's slot.
@@ -297,7 +295,7 @@ class Cache:
                 yield batch
 
 
-def _bulk_args(part: Plan) -> Iterator[list[str | int]]:
+def _bulk_args(part: Plan) -> Iterator[list[Key | int]]:
     """Arguments of the script calls for ``part``, at most UNLINK_CHUNK keys each."""
     for i in range(0, len(part.unlink), UNLINK_CHUNK):
         chunk = part.unlink[i : i + UNLINK_CHUNK]
@@ -306,21 +304,18 @@ def _bulk_args(part: Plan) -> Iterator[list[str | int]]:
         yield [0, *(item for pair in part.expire[i : i + UNLINK_CHUNK] for item in pair)]
 
 
-async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[list[str]]:
+async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[list[bytes]]:
+    """SCAN one node. Keys stay bytes as Redis gives them: a key need not be UTF-8."""
     cursor: int | bytes = 0
     while True:
         cursor, keys = await execute("SCAN", cursor, "MATCH", pattern, "COUNT", count)
         if keys:
-            yield [key.decode() if isinstance(key, bytes) else key for key in keys]
+            yield list(keys)
         if int(cursor) == 0:
             return
 
 
-def _text(key: bytes | str) -> str:
-    return key.decode() if isinstance(key, bytes) else key
-
-
-def queue_unlink(pipe: Any, keys: Sequence[str]) -> int:
+def queue_unlink(pipe: Any, keys: Sequence[Key]) -> int:
     """Queue UNLINKs of ``keys`` on a pipeline; returns how many commands (replies) that is."""
     for start in range(0, len(keys), UNLINK_CHUNK):
         pipe.unlink(*keys[start : start + UNLINK_CHUNK])

@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     _publish_parser(commands)
 
     from invalgw.dev import bench, demo, wanproxy
-    from invalgw.ops import lag, probe
+    from invalgw.ops import acl, lag, probe
 
+    acl.add_parser(commands)
     lag.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)

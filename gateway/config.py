@@ -20,7 +20,7 @@ import redis.connection
 
 from invalgw.errors import ConfigError
 from invalgw.policy import Policy
-from invalgw.proto import Limits
+from invalgw.proto import Guard, Limits
 
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 """Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""
@@ -65,6 +65,7 @@ class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                     f"url: query parameter {name!r} would override the gateway's own setting; "
                     + hint
                 )
+        _refuse_unverified_tls(self.url)
         try:
             redis.connection.parse_url(self.url)  # type: ignore[no-untyped-call]
         except ValueError as exc:
@@ -81,6 +82,21 @@ class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("retries: must be 0 or more")
         if self.backoff_cap_ms < self.backoff_base_ms:
             raise ValueError("backoff_cap_ms: must not be below backoff_base_ms")
+
+
+_UNVERIFIED = ("none", "cert_none", "optional", "cert_optional")
+
+
+def _refuse_unverified_tls(url: str) -> None:
+    """TLS without checking the server's certificate protects nothing against someone on the
+    path, who can then read every password and invalidation: refuse it, say what to do."""
+    for value in parse_qs(urlsplit(url).query).get("ssl_cert_reqs", []):
+        if value.lower() in _UNVERIFIED:
+            raise ValueError(
+                f"url: ssl_cert_reqs={value} turns off the check of the server's TLS certificate "
+                "(anyone on the path could pose as this Redis); give ssl_ca_certs=<CA file> "
+                "for a private CA instead"
+            )
 
 
 class Peer(RedisEndpoint, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -200,6 +216,16 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 f"redis.socket_timeout_ms ({self.redis.socket_timeout_ms}), or every idle read "
                 "would time out"
             )
+
+    @property
+    def guard(self) -> Guard:
+        """The region's limits, plus the names no producer or peer may invalidate: the
+        namespace and the local stream."""
+        return Guard(
+            **msgspec.structs.asdict(self.limits),
+            namespace=self.streams.namespace,
+            names=(self.streams.local,),
+        )
 
     @property
     def cache_endpoint(self) -> CacheEndpoint:

@@ -21,6 +21,7 @@ from redis.retry import Retry
 
 from invalgw.config import CacheEndpoint, RedisEndpoint, redact
 from invalgw.errors import RedisUnreachable
+from invalgw.proto import StreamFields
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,28 @@ def _options(endpoint: RedisEndpoint, name: str) -> dict[str, Any]:
     return options
 
 
+def _stream_entries(entries: list[Any] | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Entries of an XREADGROUP reply; an entry that repeats a field name keeps all of it in
+    :class:`StreamFields` (a plain dict would keep the last value silently)."""
+    out: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for entry_id, pairs in entries or ():
+        if not pairs:
+            out.append((entry_id, {}))
+            continue
+        it = iter(pairs)
+        fields = dict(zip(it, it, strict=False))
+        out.append((entry_id, fields if 2 * len(fields) == len(pairs) else StreamFields(pairs)))
+    return out
+
+
+def _xreadgroup_reply(response: Any, **_options: Any) -> Any:
+    """``[[stream, entries]]``, as redis-py returns it, from a RESP2 or RESP3 reply."""
+    if not response:
+        return []
+    pairs = response.items() if isinstance(response, dict) else response
+    return [[stream, _stream_entries(entries)] for stream, entries in pairs]
+
+
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
     """An asyncio client for ``endpoint`` (``name``: ``invalgw:us-east:local``)."""
     client: AsyncRedis = redis.asyncio.Redis.from_url(
@@ -108,6 +131,7 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
         **_options(endpoint, name),
     )
+    client.set_response_callback("XREADGROUP", _xreadgroup_reply)
     pool = client.connection_pool  # no connection is made before the first command
     pool.connection_class = _HIREDIS_PACKING.get(pool.connection_class, pool.connection_class)
     return client

@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 from invalgw.policy import Resolver
 from invalgw.proto import Invalidation
 
+Key = str | bytes
+"""A key as a producer named it (text) or as a pattern walk found it (bytes, maybe not UTF-8)."""
+
+
+def key_text(key: Key) -> str:
+    """``key`` as text for matching policy rules; bytes that are not UTF-8 become lone
+    surrogates, so the text maps back to exactly these bytes (never sent to Redis as text)."""
+    return key if isinstance(key, str) else key.decode(errors="surrogateescape")
+
 
 @dataclass
 class Plan:
-    unlink: list[str] = field(default_factory=list)
-    expire: list[tuple[str, int]] = field(default_factory=list)
+    unlink: list[Key] = field(default_factory=list)
+    expire: list[tuple[Key, int]] = field(default_factory=list)
     """(key, ttl in ms) for ``PEXPIRE key ttl LT``."""
-    fenced: list[tuple[str, str, int]] = field(default_factory=list)
+    fenced: list[tuple[Key, str, int]] = field(default_factory=list)
     """(key, version, ttl in ms or 0 to unlink) for versioned invalidations."""
     scans: list[Invalidation] = field(default_factory=list)
     """Pattern invalidations, run in the background by the scanner."""
@@ -33,7 +42,7 @@ class Plan:
         self.expire += other.expire
         self.fenced += other.fenced
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[Key]:
         """Every key an effect of this plan touches."""
         return {*self.unlink, *(key for key, _ in self.expire), *(f[0] for f in self.fenced)}
 
@@ -43,14 +52,14 @@ class Plan:
 
 
 def plan_keys(
-    plan: Plan, keys: Iterable[str], op: str, version: str | None, origin: str, resolver: Resolver
+    plan: Plan, keys: Iterable[Key], op: str, version: str | None, origin: str, resolver: Resolver
 ) -> None:
     """Add the effects of invalidating ``keys`` (asked as ``op``) to ``plan``."""
     if version is None and resolver.always_unlink and op in ("unlink", "invalidate"):
         plan.unlink.extend(keys)
         return
     for key in keys:
-        decision = resolver.decide(key, op, origin)
+        decision = resolver.decide(key_text(key), op, origin)
         ttl = 0 if decision.unlink else resolver.expiry_ms(decision)
         if version is not None:
             plan.fenced.append((key, version, ttl))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import overload
 
 import redis
 import redis.asyncio
@@ -81,13 +82,24 @@ def hash_tag(key: str) -> str:
     return key
 
 
-def fence_key(key: str) -> str:
+@overload
+def fence_key(key: str) -> str: ...
+@overload
+def fence_key(key: bytes) -> bytes: ...
+def fence_key(key: str | bytes) -> str | bytes:
     """The tombstone's name: ``{<key's hash tag>}:invalgw:fence:<key>``, in the key's hash slot
     on a Redis Cluster. A key with a ``}`` but no hash tag cannot be wrapped in a tag: its
-    tombstone's tag is a short string that hashes to the key's slot."""
+    tombstone's tag is a short string that hashes to the key's slot. A key given as bytes (found
+    by a pattern walk; it need not be UTF-8) gets its tombstone's name as bytes."""
+    if isinstance(key, bytes):
+        return _fence_key(key.decode(errors="surrogateescape")).encode(errors="surrogateescape")
+    return _fence_key(key)
+
+
+def _fence_key(key: str) -> str:
     tag = hash_tag(key)
     if "}" in tag:
-        tag = _slot_tags()[key_slot(key.encode())]
+        tag = _slot_tags()[key_slot(key.encode(errors="surrogateescape"))]
     return "{" + tag + "}" + FENCE_SUFFIX + ":" + key
 
 
@@ -107,17 +119,19 @@ def _slot_tags() -> list[str]:
     raise AssertionError("unreachable")
 
 
-def is_fence_key(key: str) -> bool:
+def is_fence_key(key: str | bytes) -> bool:
     """Whether ``key`` is a tombstone made by :func:`fence_key`.
 
     Pattern walks leave tombstones alone: a group pattern such as ``{user:1001}:*`` matches the
     tombstones of the group's keys too, and deleting one would admit stale fills again.
     """
+    if isinstance(key, bytes):
+        key = key.decode(errors="surrogateescape")
     end = key.find("}")
     marker = FENCE_SUFFIX + ":"
     if not key.startswith("{") or end < 2 or not key.startswith(marker, end + 1):
         return False
-    return fence_key(key[end + 1 + len(marker) :]) == key
+    return _fence_key(key[end + 1 + len(marker) :]) == key
 
 
 def canonical_version(text: str) -> str:

@@ -292,3 +292,12 @@ class Metrics:
             ["region", "peer"],
             registry=r,
         )
+
+    def start_at_zero(self, origins: Iterable[str], reasons: Iterable[str]) -> None:
+        """Export the labelled counters alerts watch at 0 from start-up, for the label values
+        known now: ``increase()`` over a series that first appears at 1 sees no increase, so
+        the first gap or dead letter would never alert."""
+        for origin in origins:
+            self.gaps.labels(self.region, origin)
+        for reason in reasons:
+            self.dead_letters.labels(self.region, reason)

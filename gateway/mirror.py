@@ -18,10 +18,18 @@ import redis
 
 from invalgw.apply import AppliedRecord, ApplyContext, BatchWork, apply_and_ack
 from invalgw.clock import ServerClock
-from invalgw.deadletter import DeadLetter
+from invalgw.deadletter import DeadLetter, event_letter
 from invalgw.effects import Plan, plan_batch
 from invalgw.lag import LinkStatus
-from invalgw.proto import Batch, Heartbeat, Invalidation, StreamId, decode_envelope
+from invalgw.proto import (
+    Batch,
+    Heartbeat,
+    Invalidation,
+    InvalidEntry,
+    StreamId,
+    check_invalidation,
+    decode_envelope,
+)
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.read import Entry, GroupReader
 
@@ -69,15 +77,16 @@ class MirrorApplier:
         envelopes = await self._envelopes(entries)
         work = BatchWork([entry_id for entry_id, _ in entries], Plan())
         events: list[Invalidation] = []
-        for entry_id, envelope in envelopes:
+        for entry_id, envelope, kept in envelopes:
+            # Continuity follows the envelope as sent, whatever this region refused of it.
             for reason, after, upto in _continuity(status, envelope):
                 status.gaps += 1
                 await self.ctx.gaps.record(self.origin, reason, after=after, upto=upto)
             status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
-            if isinstance(envelope, Batch):
-                events += envelope.events
-                work.keys[entry_id] = [key for event in envelope.events for key in event.keys]
-                patterns = [event for event in envelope.events if event.pattern is not None]
+            if kept:
+                events += kept
+                work.keys[entry_id] = [key for event in kept for key in event.keys]
+                patterns = [event for event in kept if event.pattern is not None]
                 if patterns:
                     work.walks[entry_id] = patterns
         work.plan = plan_batch(events, self.origin, self.ctx.resolver)
@@ -117,9 +126,12 @@ class MirrorApplier:
         if not {item["message_id"] for item in pending} & set(ids):
             self._adopt(status)
 
-    async def _envelopes(self, entries: Sequence[Entry]) -> list[tuple[bytes, Batch | Heartbeat]]:
-        """The entries' envelopes; the entries that are not one are dead-lettered."""
-        envelopes: list[tuple[bytes, Batch | Heartbeat]] = []
+    async def _envelopes(
+        self, entries: Sequence[Entry]
+    ) -> list[tuple[bytes, Batch | Heartbeat, list[Invalidation]]]:
+        """The entries' envelopes, each with the events this region accepts of it; entries that
+        are not an envelope, and refused events, are dead-lettered."""
+        envelopes: list[tuple[bytes, Batch | Heartbeat, list[Invalidation]]] = []
         dead: list[DeadLetter] = []
         for entry_id, fields in entries:
             if not fields:
@@ -141,9 +153,27 @@ class MirrorApplier:
                 reason = f"envelope from {envelope.origin!r} in the mirror of {self.origin!r}"
                 dead.append(DeadLetter(entry_id, fields, reason, "bad_envelope"))
                 continue
-            envelopes.append((entry_id, envelope))
+            kept = self._screened(entry_id, envelope, dead) if isinstance(envelope, Batch) else []
+            envelopes.append((entry_id, envelope, kept))
         await self.ctx.dead_letters.put(self.reader.stream, dead)
         return envelopes
+
+    def _screened(
+        self, entry_id: bytes, batch: Batch, dead: list[DeadLetter]
+    ) -> list[Invalidation]:
+        """``batch``'s events but those this region refuses (each one added to ``dead``): an
+        envelope can do no more here than a valid entry of a local producer could. The limits
+        and names are this region's own (``ctx.limits``), whatever the origin checked."""
+        kept: list[Invalidation] = []
+        for event in batch.events:
+            try:
+                check_invalidation(event, self.ctx.limits)
+            except InvalidEntry as exc:
+                reason = f"invalidation {event.id} from {self.origin}: {exc.reason}"
+                dead.append(event_letter(entry_id, self.origin, event, reason, exc.code))
+            else:
+                kept.append(event)
+        return kept
 
 
 Gap = tuple[str, str, str]

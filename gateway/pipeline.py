@@ -16,6 +16,7 @@ from invalgw.forward import Forwarder
 from invalgw.lag import StatusSource
 from invalgw.mirror import MirrorApplier
 from invalgw.names import APPLY_GROUP, forward_group
+from invalgw.poison import PoisonGuard
 from invalgw.proto import StreamId
 from invalgw.read import GroupReader
 from invalgw.region import Region
@@ -39,7 +40,7 @@ def build_pipeline(region: Region) -> Pipeline:
         retries=region.retries,
         dead_letters=region.dead_letters,
         gaps=region.gaps,
-        limits=config.limits,
+        limits=config.guard,
         metrics=region.metrics,
         resolver=region.resolver,
         scanner=region.scanner,
@@ -79,7 +80,7 @@ def build_pipeline(region: Region) -> Pipeline:
             epoch=region.epoch,
             clock=region.local_clock,
             metrics=region.metrics,
-            limits=config.limits,
+            limits=config.guard,
             mirror_max_len=config.streams.mirror_max_len,
             heartbeat_interval_ms=config.gateway.heartbeat_interval_ms,
             drain=region.drain,
@@ -152,7 +153,7 @@ def _stage(
     return Stage(
         name,
         reader,
-        handler,
+        PoisonGuard(handler, reader, region.dead_letters, name=name),
         drain=region.drain,
         on_error=region.counts_errors(name),
         on_claimed=region.metrics.reclaimed.labels(region.name, name).inc,

@@ -20,6 +20,7 @@ from invalgw.cache import Cache
 from invalgw.clock import ServerClock, sample_clock
 from invalgw.config import RedisEndpoint, RegionConfig
 from invalgw.connections import AsyncRedis, Connector, close, connect_cache, count_errors
+from invalgw.deadletter import REASONS as DEAD_LETTER_REASONS
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
 from invalgw.gaps import Gaps
@@ -117,6 +118,7 @@ def open_region(
         _count_errors(each, metrics, config.region, target)
 
     names = Names(config.streams.namespace, config.streams.local)
+    metrics.start_at_zero(config.regions, DEAD_LETTER_REASONS)
     cache = Cache(
         cache_client,
         fence_ttl_ms=config.policy.fence_ttl_ms,
@@ -125,7 +127,21 @@ def open_region(
         metrics=metrics,
     )
     resolver = Resolver(config.policy, config.region, config.regions)
-    scanner = Scanner(cache, resolver, region=config.region, metrics=metrics, drain=drain)
+    dead_letters = DeadLetters(
+        local,
+        names.dead_letters,
+        region=config.region,
+        max_len=config.streams.dead_letter_max_len,
+        metrics=metrics,
+    )
+    scanner = Scanner(
+        cache,
+        resolver,
+        region=config.region,
+        metrics=metrics,
+        drain=drain,
+        dead_letters=dead_letters,
+    )
     stack.callback(scanner.close)
 
     def resync(origin: str) -> None:
@@ -152,13 +168,7 @@ def open_region(
         ),
         scanner=scanner,
         retries=CacheRetries(cache, drain=drain),
-        dead_letters=DeadLetters(
-            local,
-            names.dead_letters,
-            region=config.region,
-            max_len=config.streams.dead_letter_max_len,
-            metrics=metrics,
-        ),
+        dead_letters=dead_letters,
         gaps=Gaps(local, names.gaps, region=config.region, metrics=metrics, resync=resync),
         epoch=Epoch(local, names.epoch),
         peer_clocks={name: ServerClock() for name in peers},

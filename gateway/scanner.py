@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from invalgw.cache import Cache
 from invalgw.connections import REDIS_ERRORS
+from invalgw.deadletter import DeadLetters, event_letter
 from invalgw.effects import Plan, plan_keys
 from invalgw.fence import is_fence_key
 from invalgw.metrics import Metrics
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0
 """How often a walk logs how far it got (keys matched, removed, and the rate)."""
+MAX_ATTEMPTS = 3
+"""Walks of one job that fail on something other than Redis before it is dead-lettered."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,10 @@ class Scanner:
         metrics: Metrics,
         drain: Drain,
         batch: int = 1000,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.cache = cache
+        self.dead_letters = dead_letters
         self.resolver = resolver
         self.region = region
         self.drain = drain
@@ -66,21 +71,26 @@ class Scanner:
         self._jobs: MemoryObjectSendStream[ScanJob]
         self._queue: MemoryObjectReceiveStream[ScanJob]
         self._jobs, self._queue = anyio.create_memory_object_stream[ScanJob](math.inf)
-        self._active: set[tuple[str, str]] = set()
+        self._active: dict[tuple[str, str], list[Callable[[], Awaitable[None]]]] = {}
+        """Jobs queued or running, with the ``done`` of the same jobs submitted meanwhile."""
         self._keys = metrics.pattern_keys
         self._removed = metrics.pattern_keys_removed
         self._finished = metrics.pattern_invalidations
         self._in_progress = metrics.pattern_in_progress.labels(region)
 
     def submit(self, job: ScanJob) -> None:
-        """Queue ``job`` unless the same entry is already queued or running (a redelivery)."""
-        if job.key in self._active:
+        """Queue ``job`` unless the same job is already queued or running (a redelivery, or
+        another entry naming the same event): then it joins that walk, and its ``done`` is
+        called when the walk ends, so its entry is acknowledged too, never left pending."""
+        joined = self._active.get(job.key)
+        if joined is not None:
+            joined.append(job.done)
             return
         try:
             self._jobs.send_nowait(job)
         except anyio.ClosedResourceError:  # stopped: the entry stays pending for the next run
             return
-        self._active.add(job.key)
+        self._active[job.key] = []
         self._in_progress.set(len(self._active))
 
     async def run(
@@ -97,7 +107,7 @@ class Scanner:
                 try:
                     await self._run(job)
                 finally:
-                    self._active.discard(job.key)
+                    self._active.pop(job.key, None)
                     self._in_progress.set(len(self._active))
 
     def close(self) -> None:
@@ -106,17 +116,44 @@ class Scanner:
         self._queue.close()
 
     async def _run(self, job: ScanJob) -> None:
-        failures = 0
+        """Walk until done; Redis errors are retried, any other error :data:`MAX_ATTEMPTS`
+        times, after which the job is dead-lettered and acknowledged (never a crash loop)."""
+        failures = errors = 0
         while not self.drain.requested:
             try:
                 if await self._walk(job):
-                    await job.done()
+                    await self._done(job)
             except REDIS_ERRORS as exc:
                 failures += 1
                 log_failure(f"pattern {job.event.pattern!r}", exc, failures)
                 await self.drain.sleep(backoff_seconds(failures))
+            except Exception as exc:
+                errors += 1
+                if errors >= MAX_ATTEMPTS:
+                    await self._give_up(job, exc)
+                    return
             else:
                 return
+
+    async def _give_up(self, job: ScanJob, exc: Exception) -> None:
+        reason = (
+            f"the walk of pattern {job.event.pattern!r} failed {MAX_ATTEMPTS} times: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        log.error("pattern from %s: %s", job.origin, reason)
+        if self.dead_letters is not None:
+            letter = event_letter(
+                job.event.id.encode(), job.origin, job.event, reason, "handler_failed"
+            )
+            await self.dead_letters.put(f"pattern walk ({job.origin})", [letter])
+        await self._done(job)
+
+    async def _done(self, job: ScanJob) -> None:
+        """Tell the job, and every one that joined it, that the walk is over."""
+        await job.done()
+        joined = self._active.get(job.key, [])
+        while joined:
+            await joined.pop(0)()
 
     async def _walk(self, job: ScanJob) -> bool:
         """Apply the job to every matching key; False if a drain stopped it half way."""

@@ -13,14 +13,16 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 import anyio.abc
 import anyio.to_thread
+import redis
 from opentelemetry.sdk.trace import TracerProvider
 
 from invalgw import logs, tracing
-from invalgw.config import RegionConfig
+from invalgw.config import RegionConfig, redact
 from invalgw.connections import REDIS_ERRORS, Connector, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
@@ -88,7 +90,7 @@ class Gateway:
                     tracer_provider=self.tracer_provider,
                 )
                 ready = await until_ok(
-                    region.prepare,
+                    partial(_refused_is_fatal, region),
                     self.drain,
                     name=f"{region.name}: connect",
                     on_error=region.counts_errors("connect"),
@@ -226,6 +228,21 @@ class Gateway:
             metrics.host,
             metrics.port,
         )
+
+
+async def _refused_is_fatal(region: Region) -> None:
+    """:meth:`Region.prepare`, where a credential the region's Redis refuses (wrong password,
+    or an ACL user without a command the gateway needs) stops the gateway with one clear line:
+    retrying would not help."""
+    url = redact(region.config.redis.url)
+    try:
+        await region.prepare()
+    except redis.AuthenticationError as exc:
+        raise GatewayError(f"{region.name} (redis): {url}: authentication failed: {exc}") from None
+    except redis.exceptions.NoPermissionError as exc:
+        raise GatewayError(
+            f"{region.name} (redis): {url}: permission denied: {exc} (see invalgw acl)"
+        ) from None
 
 
 def tune_gc() -> None:

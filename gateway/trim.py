@@ -113,7 +113,7 @@ class GroupPosition:
         read = group.get("entries-read")
         last = StreamId.parse(group["last-delivered-id"])
         return cls(
-            name=group["name"].decode(),
+            name=group["name"].decode(errors="backslashreplace"),  # anyone may name a group
             last_delivered=last,
             pending=int(group["pending"]),
             entries_read=None if read is None else int(read),

@@ -10,10 +10,13 @@ from invalgw.proto.entry import (
     InvalidEntry,
     Limits,
     ProducerEntry,
+    StreamFields,
+    check_invalidation,
     entry_fields,
     parse_entry,
 )
 from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
+from invalgw.proto.guard import Guard
 from invalgw.proto.streamid import StreamId
 
 __all__ = [
@@ -21,12 +24,15 @@ __all__ = [
     "WILDCARDS",
     "Batch",
     "Envelope",
+    "Guard",
     "Heartbeat",
     "InvalidEntry",
     "Invalidation",
     "Limits",
     "ProducerEntry",
+    "StreamFields",
     "StreamId",
+    "check_invalidation",
     "decode_envelope",
     "encode_envelope",
     "entry_fields",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -141,6 +142,31 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
         if self.min_pattern_prefix < 0:
             raise ValueError("min_pattern_prefix: must be 0 or more")
 
+    def check_names(self, keys: Sequence[str], pattern: str | None) -> None:
+        """Raise :class:`InvalidEntry` if ``keys`` or ``pattern`` reach names nobody may
+        invalidate; plain limits know none (see :class:`invalgw.proto.guard.Guard`)."""
+
+
+INVALID_ENTRY_CODES = (
+    "missing_field",
+    "unknown_op",
+    "bad_version",
+    "no_keys",
+    "too_many_keys",
+    "key_too_long",
+    "empty_key",
+    "not_utf8",
+    "field_too_long",
+    "keys_and_pattern",
+    "pattern_too_broad",
+    "bad_fence_version",
+    "bad_field",
+    "duplicate_field",
+    "reserved_key",
+    "reserved_pattern",
+)
+"""Every :attr:`InvalidEntry.code` an entry can be dead-lettered with."""
+
 
 class InvalidEntry(ValueError):
     """An entry that is not a valid invalidation.
@@ -149,13 +175,35 @@ class InvalidEntry(ValueError):
     for metrics (``missing_field``, ``unknown_op``, ``bad_version``, ``no_keys``,
     ``too_many_keys``, ``key_too_long``, ``empty_key``, ``not_utf8``, ``field_too_long``,
     ``keys_and_pattern``, ``pattern_too_broad``, ``bad_fence_version``, ``bad_field``,
-    ``deleted``).
+    ``duplicate_field``, ``reserved_key``, ``reserved_pattern``, ``deleted``).
     """
 
     def __init__(self, reason: str, code: str) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class StreamFields(dict[bytes, bytes]):
+    """An entry's fields as a dict, remembering the first field name the entry held twice.
+
+    Redis keeps every field of an XADD, repeated names included (``op purge op unlink``); a
+    plain dict would silently keep the last one. The gateway's clients read entries into this
+    type, and :func:`parse_entry` refuses an entry with ``duplicate`` set.
+    """
+
+    __slots__ = ("duplicate", "pairs")
+
+    def __init__(self, pairs: Sequence[bytes] = ()) -> None:
+        super().__init__()
+        self.pairs = list(pairs)
+        """Every field as Redis holds it, repeated names included (kept in a dead letter)."""
+        self.duplicate: bytes | None = None
+        for i in range(0, len(pairs) - 1, 2):
+            name = pairs[i]
+            if self.duplicate is None and name in self:
+                self.duplicate = name
+            self[name] = pairs[i + 1]
 
 
 def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
@@ -176,8 +224,44 @@ _VERSION = str(CONTRACT_VERSION)
 
 def parse_entry(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     """Validate one stream entry; raise :class:`InvalidEntry` with the reason if it is not valid."""
+    duplicate = getattr(fields, "duplicate", None)
+    if duplicate is not None:
+        raise InvalidEntry(
+            f"field {duplicate.decode(errors='backslashreplace')!r} is given more than once",
+            "duplicate_field",
+        )
     usual = _parse_usual(entry_id, fields, limits)
-    return usual if usual is not None else _parse_any(entry_id, fields, limits)
+    event = usual if usual is not None else _parse_any(entry_id, fields, limits)
+    limits.check_names(event.keys, event.pattern)
+    return event
+
+
+def check_invalidation(event: Invalidation, limits: Limits) -> None:
+    """Validate an invalidation that arrived in an envelope with this region's ``limits``, as if
+    a producer of this region had written it; raise :class:`InvalidEntry` if it is not valid."""
+    for name, text in (("traceparent", event.traceparent), ("source", event.source)):
+        if text is not None and len(text.encode()) > limits.max_field_bytes:
+            raise InvalidEntry(
+                f"field {name!r} is over the limit of {limits.max_field_bytes} bytes",
+                "field_too_long",
+            )
+    if event.version is not None:
+        _fence_version(event.version)
+    if event.pattern is not None:
+        if event.keys:
+            raise InvalidEntry("give either 'keys' or 'pattern', not both", "keys_and_pattern")
+        _checked_pattern(event.pattern, limits)
+    elif not event.keys:
+        raise InvalidEntry("no keys and no pattern", "no_keys")
+    else:
+        _check_keys(event.keys, limits)
+        size = sum(len(key.encode()) for key in event.keys) + len(event.keys) - 1
+        if size > limits.max_field_bytes:
+            raise InvalidEntry(
+                f"keys take {size} bytes, over the limit of {limits.max_field_bytes}",
+                "field_too_long",
+            )
+    limits.check_names(event.keys, event.pattern)
 
 
 def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
@@ -218,6 +302,13 @@ def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Inv
     keys = _split_keys(entry.keys, entry.sep or None)
     if not keys or keys == [""]:
         raise InvalidEntry("no keys: field 'keys' is empty", "no_keys")
+    _check_keys(keys, limits)
+    return Invalidation(
+        entry_id, entry.op, keys, entry.traceparent or None, entry.source or None, None, version
+    )
+
+
+def _check_keys(keys: Sequence[str], limits: Limits) -> None:
     if len(keys) > limits.max_keys:
         raise InvalidEntry(
             f"{len(keys)} keys, over the limit of {limits.max_keys} per entry", "too_many_keys"
@@ -233,9 +324,6 @@ def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Inv
                 f"over the limit of {limits.max_key_bytes}",
                 "key_too_long",
             )
-    return Invalidation(
-        entry_id, entry.op, keys, entry.traceparent or None, entry.source or None, None, version
-    )
 
 
 def _checked_pattern(pattern: str, limits: Limits) -> str:

@@ -2,7 +2,8 @@
 # Safe to run again: it only installs what is missing.
 #   ensure_venv    $INVALGW_VENV (default .venv) with the locked dependencies ($INVALGW_LOCK,
 #                  default requirements/lock.txt) and invalgw itself (editable)
-#   ensure_tools [promtool]           redis-server (and promtool, for the tests), via apt or brew
+#   ensure_tools [promtool]   redis-server (and promtool and prometheus, for the tests),
+#                             via apt or brew
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -40,8 +41,11 @@ ensure_tools() {
     if ! command -v redis-server >/dev/null 2>&1 && [ -z "${INVALGW_REDIS_SERVER:-}" ]; then
         apt+=(redis-server) brew+=(redis)
     fi
-    if [ "${1:-}" = promtool ] && ! command -v promtool >/dev/null 2>&1; then
-        apt+=(prometheus) brew+=(prometheus)   # Debian ships promtool in "prometheus"
+    if [ "${1:-}" = promtool ] && ! { command -v promtool && command -v prometheus; } >/dev/null 2>&1
+    then
+        # Debian ships promtool and the server in "prometheus": the alert unit tests use
+        # promtool, the end-to-end alert test runs the server
+        apt+=(prometheus) brew+=(prometheus)
     fi
     if [ ${#apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
         local sudo=""

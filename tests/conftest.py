@@ -98,7 +98,8 @@ def make_configs(
                 for peer, peer_url in urls.items()
                 if peer != region
             ],
-            "streams": {"namespace": namespace, "local": f"{namespace}:inval"},
+            # the gateway's own keys (refused as targets) apart from the test's cache keys
+            "streams": {"namespace": f"{namespace}-gw", "local": f"{namespace}-gw:inval"},
             "gateway": {
                 "consumer": "test",
                 "block_ms": 200,

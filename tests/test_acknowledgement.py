@@ -14,7 +14,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_nothing_is_left_pending_after_a_drain(configs: dict[str, RegionConfig]) -> None:
     stream = configs["us-east"].streams.local
-    keys = [f"{configs['us-east'].streams.namespace}:k:{n}" for n in range(40)]
+    keys = [f"{configs['us-east'].streams.namespace}-key:k:{n}" for n in range(40)]
     async with clients(configs) as by_region:
         for client in by_region.values():
             await client.mset(dict.fromkeys(keys, "cached"))

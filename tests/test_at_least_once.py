@@ -161,7 +161,7 @@ async def test_resent_batch_is_recognised_as_duplicate(
         namespace,
         gateway={"batch_size": 50, "trim_interval_ms": 600_000},
     )
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     keys = [f"{namespace}:k{i}" for i in range(300)]
     async with clients(configs) as redis_by_region, running(configs, "eu-west", "ap-south"):
         east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
@@ -197,7 +197,7 @@ async def test_mirrored_invalidations_are_never_forwarded_again(
     configs = make_configs(
         urls_of(session_servers), namespace, gateway={"trim_interval_ms": 600_000}
     )
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     written = {"us-east": 60, "eu-west": 25, "ap-south": 0}
     keys = {
         region: [f"{namespace}:{region}:{i}" for i in range(n)] for region, n in written.items()
@@ -262,7 +262,7 @@ async def test_pending_entries_deleted_before_handling_become_gaps(
     """A dead consumer's pending entry that was deleted (XDEL, or trimmed at the hard cap) cannot
     be applied or forwarded any more: every region records the gap instead of skipping it."""
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     stream = names.local_stream
     keys = [f"{namespace}:k{i}" for i in range(3)]
     async with clients(configs) as redis_by_region:
@@ -301,7 +301,7 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
 ) -> None:
     """A forwarder restarted after a crash re-sends its last batch, now carrying a gap noted
     meanwhile. The peer drops the batch as a duplicate; the gap must reach it all the same."""
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     stream = names.local_stream
     async with clients(configs) as redis_by_region:
         east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
@@ -391,7 +391,7 @@ async def test_receiver_restart_loses_nothing_and_records_no_gap(
     session_servers: list[RedisServer], namespace: str
 ) -> None:
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     before = [f"{namespace}:before:{i}" for i in range(30)]
     during = [f"{namespace}:during:{i}" for i in range(30)]
     async with clients(configs) as redis_by_region, running(configs, "us-east", "ap-south"):

@@ -108,7 +108,7 @@ async def test_scan_finds_every_matching_key_and_nothing_else(cache: Cache, name
     found: set[str] = set()
     batches = 0
     async for batch in cache.scan(f"{namespace}:cat:*", count=500):
-        found.update(batch)
+        found.update(key.decode() for key in batch)
         batches += 1
     assert found == wanted
     assert batches > 1  # walked in bounded batches
@@ -119,7 +119,7 @@ async def test_scan_of_a_hash_tag_group(cache: Cache, namespace: str) -> None:
     await populate(cache, group | {f"{{{namespace}:user:1002}}:profile"})
     found: set[str] = set()
     async for batch in cache.scan(f"{{{namespace}:user:1001}}:*"):
-        found.update(batch)
+        found.update(key.decode() for key in batch)
     assert found == group
 
 
@@ -145,7 +145,7 @@ async def test_a_walk_is_complete_as_the_first_call_of_a_cluster_client(
     fresh = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry())
     try:
         await populate(Cache(setup), keys)
-        found = {key async for batch in Cache(fresh).scan(f"{prefix}:*") for key in batch}
+        found = {key.decode() async for batch in Cache(fresh).scan(f"{prefix}:*") for key in batch}
     finally:
         await close(setup)
         await close(fresh)
@@ -205,7 +205,7 @@ async def test_effects_reach_keys_whose_slot_moved_under_the_client(
         await move_slot(cluster_nodes, key_slot(moving[0].encode()), finish=finish)
         soft = [(key, 30_000) for key in moving[::2] + staying[::2]]
         gone = moving[1::2] + staying[1::2]
-        removed = await cache.apply(Plan(unlink=gone, expire=soft))
+        removed = await cache.apply(Plan(unlink=[*gone], expire=[*soft]))
         assert removed <= len(gone)  # keys the refused script removed are not counted twice
         async with client.pipeline(transaction=False) as pipe:
             for key in gone:

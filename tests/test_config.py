@@ -629,7 +629,7 @@ def test_publish_unlink_local_removes_the_keys_here_at_once(
     region_configs: dict[str, RegionConfig],
 ) -> None:
     config = region_configs["us-east"]
-    key = f"{config.streams.namespace}:user:1001:profile"
+    key = f"{config.streams.namespace}-key:user:1001:profile"
     client = connect_sync(config.redis, name="test")
     try:
         client.set(key, "cached")
@@ -652,7 +652,7 @@ def test_publish_unlink_local_uses_the_region_cache_when_it_is_separate(
     cache_url = session_servers[2].url
     path = write_config(tmp_path / "us-east.toml", config)
     path.write_text(path.read_text() + f'\n[cache]\nurl = "{cache_url}"\n')
-    key = f"{config.streams.namespace}:user:1001:profile"
+    key = f"{config.streams.namespace}-key:user:1001:profile"
     cache = connect_sync(RedisEndpoint(url=cache_url), name="test")
     try:
         cache.set(key, "cached")

@@ -66,7 +66,7 @@ async def test_bad_entries_are_dead_lettered_and_the_rest_applied(
     session_servers: list[RedisServer], namespace: str
 ) -> None:
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     keys = [f"{namespace}:ok:{i}" for i in range(len(BAD_ENTRIES) + 1)]
     async with clients(configs) as redis_by_region, running(configs) as gateways:
         east = redis_by_region["us-east"]
@@ -108,7 +108,7 @@ async def test_garbage_in_a_mirror_is_dead_lettered(
     session_servers: list[RedisServer], namespace: str
 ) -> None:
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     mirror = names.mirror("us-east")
     good = Batch(origin="us-east", epoch="e", prev="0-0", events=[], sent_ms=1)
     garbage: dict[str, dict[bytes, bytes]] = {
@@ -188,7 +188,9 @@ def fuzzed(
     namespace = f"fz{uuid.uuid4().hex[:8]}"
     configs = make_configs(urls_of(session_servers), namespace)
     processes = Processes(Path(tmp_path_factory.mktemp("fuzz")))
-    target = Fuzzed(configs, Names(namespace, configs["us-east"].streams.local))
+    target = Fuzzed(
+        configs, Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
+    )
     try:
         target.gateways = processes.start_all(configs)
         yield target
@@ -217,7 +219,7 @@ def test_any_entry_is_applied_or_dead_lettered(
     fuzzed: Fuzzed, entries: list[dict[bytes, bytes]]
 ) -> None:
     names, east = fuzzed.names, fuzzed.redis["us-east"]
-    sentinel = f"{names.namespace}:sentinel:{uuid.uuid4().hex}"
+    sentinel = f"{names.namespace}-key:sentinel:{uuid.uuid4().hex}"
     keys_of = [expected_keys(fields) for fields in entries]
     cached = [key for keys in keys_of if keys for key in keys] + [sentinel]
     for client in fuzzed.redis.values():

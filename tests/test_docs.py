@@ -26,8 +26,10 @@ from invalgw.config import (
     Tuning,
     parse_config,
 )
+from invalgw.deadletter import REASONS as DEAD_LETTER_REASONS
 from invalgw.policy import Policy, Rule
 from invalgw.proto import Batch, Heartbeat, InvalidEntry, Limits, ProducerEntry, parse_entry
+from invalgw.proto.entry import INVALID_ENTRY_CODES
 
 REPO = Path(__file__).parent.parent
 CONFIGURATION = (REPO / "docs" / "configuration.md").read_text()
@@ -139,7 +141,7 @@ def annotated_example() -> str:
 
 
 def test_annotated_example_is_a_valid_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("REDIS_PASSWORD", "REDIS_PASSWORD_US_EAST", "REDIS_PASSWORD_AP_SOUTH"):
+    for name in ("REDIS_PASSWORD", "PEER_PASSWORD_US_EAST", "PEER_PASSWORD_AP_SOUTH"):
         monkeypatch.setenv(name, "pw")
     config = parse_config(tomllib.loads(annotated_example()), "docs/configuration.md")
     assert config.region == "eu-west"
@@ -189,7 +191,8 @@ def documented_codes() -> set[str]:
 
 def test_every_dead_letter_code_is_documented() -> None:
     codes = table_rows(sections(CONTRACT)["3. Limits and dead letters"], "Code")
-    assert set(codes) == (documented_codes() - {"deleted"}) | {"bad_envelope"}
+    assert set(codes) == set(DEAD_LETTER_REASONS)
+    assert documented_codes() - {"deleted"} == set(INVALID_ENTRY_CODES)
     assert "`deleted`" in CONTRACT
 
 

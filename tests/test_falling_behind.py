@@ -73,7 +73,7 @@ class Run:
 
     def __init__(self, configs: dict[str, RegionConfig], namespace: str) -> None:
         self.stream = configs["us-east"].streams.local
-        self.names = Names(namespace, self.stream)
+        self.names = Names(configs["us-east"].streams.namespace, self.stream)
         self.keys = [f"{namespace}:k:{i}" for i in range(2 * ENTRIES)]
         self.written: list[bytes] = []
         self.longest = 0

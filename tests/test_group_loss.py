@@ -56,7 +56,7 @@ async def invalidate_everywhere(
     redis_by_region: dict[str, redis.asyncio.Redis], names: Names, tag: str
 ) -> None:
     """Write one invalidation in each region and wait until all of them are applied everywhere."""
-    keys = {region: f"{names.namespace}:{tag}:{region}" for region in REGIONS}
+    keys = {region: f"{names.namespace}-key:{tag}:{region}" for region in REGIONS}
     for client in redis_by_region.values():
         await client.mset(dict.fromkeys(keys.values(), "cached"))
     for region, key in keys.items():
@@ -78,7 +78,7 @@ async def test_deleted_stream_recreated_once_and_peers_record_one_gap(
     session_servers: list[RedisServer], namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     async with clients(configs) as redis_by_region, running(configs) as gateways:
         east = redis_by_region["us-east"]
         await invalidate_everywhere(redis_by_region, names, "before")
@@ -112,7 +112,7 @@ async def test_redis_restart_without_persistence(
     """eu-west's Redis restarts empty under a running gateway: every group comes back, counted,
     and invalidations written afterwards are applied everywhere."""
     configs = make_configs(urls_of(own_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     async with clients(configs) as redis_by_region, running(configs) as gateways:
         await invalidate_everywhere(redis_by_region, names, "before")
         own_servers[1].kill()
@@ -137,7 +137,7 @@ async def test_peer_that_lost_undelivered_mirror_entries_records_a_gap(
     """Envelopes were delivered to eu-west while its gateway was down, then its Redis restarted
     empty: eu-west can no longer apply them, so it records a gap for us-east."""
     configs = make_configs(urls_of(own_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     keys = [f"{namespace}:k{i}" for i in range(5)]
     async with clients(configs) as redis_by_region, running(configs, "us-east", "ap-south"):
         east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
@@ -174,7 +174,7 @@ async def test_receiver_does_not_count_as_applied_what_it_failed_to_apply(
         ),
     )
     configs = {**configs, "eu-west": west_config}
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     try:
         async with clients(configs) as redis_by_region, running(configs) as gateways:
             east, west = redis_by_region["us-east"], redis_by_region["eu-west"]

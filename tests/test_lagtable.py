@@ -104,7 +104,7 @@ async def test_a_region_whose_gateway_never_ran_shows_what_piles_up_and_where(
             stream = configs[region].streams.local
             invalidator = Invalidator(redis_by_region[region], stream=stream)
             for i in range(20):
-                await invalidator.invalidate(f"{configs[region].streams.namespace}:k{i}")
+                await invalidator.invalidate(f"{configs[region].streams.namespace}-key:k{i}")
 
         async def delivered() -> bool:
             links = (await collector.collect()).links

@@ -360,7 +360,7 @@ async def test_an_entry_batch_of_one_pattern_is_acknowledged_when_walked_without
     """A pattern entry read on its own leaves nothing to acknowledge at once: the stage must save
     its status and go on (not fail, back off and hold up the invalidations behind it)."""
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     keys = [f"{namespace}:alone:{i}" for i in range(100)]
     async with clients(configs) as redis_by_region, running(configs) as gateways:
         for client in redis_by_region.values():
@@ -414,7 +414,7 @@ async def test_a_walk_cut_short_by_sigkill_is_redone_on_restart(
     way (SIGKILL: nothing drained) finds it pending when it starts again, and walks again; with
     a cluster cache, the walk is then the first thing its fresh cluster client does."""
     configs = make_configs(urls_of(session_servers), namespace)
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     stream = names.local_stream if region == "us-east" else names.mirror("us-east")
     walked = [f"{namespace}:pat:{i}" for i in range(CRASH_KEYS)]
     kept = [f"{namespace}:keep:{i}" for i in range(KEPT_KEYS)]

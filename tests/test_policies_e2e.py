@@ -445,7 +445,7 @@ async def test_a_gap_resyncs_the_configured_patterns_in_the_peers(
         policy={"expire_window_ms": [30_000, 120_000], "resync_patterns": [f"{catalog}:*"]},
     )
     slots = {"ap-south": (30_000, 60_000), "eu-west": (60_000, 90_000)}
-    names = Names(namespace, configs["us-east"].streams.local)
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     catalog_keys = [f"{catalog}:sku:{i}" for i in range(3000)]
     other_keys = [f"{namespace}:cart:{i}" for i in range(300)]
     async with clients(configs) as redis_by_region, running(configs) as gateways:

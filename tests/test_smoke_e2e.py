@@ -13,7 +13,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_invalidation_reaches_every_region(configs: dict[str, RegionConfig]) -> None:
     async with clients(configs) as redis_by_region, running(configs):
-        keys = [f"{configs['us-east'].streams.namespace}:user:{i}" for i in range(100)]
+        keys = [f"{configs['us-east'].streams.namespace}-key:user:{i}" for i in range(100)]
         for client in redis_by_region.values():
             await client.mset(dict.fromkeys(keys, "cached"))
         stream = configs["us-east"].streams.local

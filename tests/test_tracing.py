@@ -60,7 +60,7 @@ async def test_one_trace_spans_producer_forward_and_apply_in_every_region(
         assert parent_of(send) == producer.context.span_id
         assert send.attributes is not None
         assert send.attributes["messaging.system"] == "redis"
-        assert send.attributes["messaging.destination.name"] == f"{namespace}:mirror:{{us-east}}"
+        assert send.attributes["messaging.destination.name"] == f"{namespace}-gw:mirror:{{us-east}}"
 
     processes = {
         str(span.attributes["invalgw.region"]): span

@@ -28,7 +28,14 @@ from invalgw.ops.lagcheck import (
     parse_conditions,
     problems,
 )
-from invalgw.ops.lagtable import STATES, LagCollector, Snapshot, render_json, render_text
+from invalgw.ops.lagtable import (
+    AUTH_FAILED,
+    STATES,
+    LagCollector,
+    Snapshot,
+    render_json,
+    render_text,
+)
 from invalgw.ops.terminal import Screen
 
 
@@ -134,6 +141,12 @@ async def _lag(configs: list[RegionConfig], options: LagOptions) -> int:
         if not options.watch:
             snapshot = await collector.collect()
             _print(snapshot, options, None)
+            for region in snapshot.regions:
+                if region.error is not None and region.error.startswith(AUTH_FAILED):
+                    print(
+                        f"invalgw lag: {region.region}: {region.redis}: {region.error}",
+                        file=sys.stderr,
+                    )
             return 1 if not any(region.reachable for region in snapshot.regions) else 0
         screen = Screen(sys.stdout, color=_color(options))
         try:

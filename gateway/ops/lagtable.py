@@ -209,7 +209,7 @@ class LagCollector:
         address = _address(target.endpoint.url)
         if isinstance(reading, Exception):
             return RegionRow(
-                region=target.name, redis=address, reachable=False, error=str(reading) or None
+                region=target.name, redis=address, reachable=False, error=_error(reading)
             )
         return RegionRow(
             region=target.name,
@@ -446,11 +446,22 @@ def render_text(
                 _count(region.gaps),
             ]
         else:
-            cells += ["unreachable", "", "", ""]
+            failed = region.error is not None and region.error.startswith(AUTH_FAILED)
+            cells += ["auth failed" if failed else "unreachable", "", "", ""]
         region_rows.append(cells)
     lines.append("")
     lines += _table(columns, region_rows, color=color, width=width, state_column=None)
     return lines
+
+
+AUTH_FAILED = "authentication failed"
+
+
+def _error(reading: Exception) -> str | None:
+    """What kept a region's Redis from answering, for people; a refused credential says so."""
+    if isinstance(reading, redis.AuthenticationError):
+        return f"{AUTH_FAILED}: {reading}"
+    return str(reading) or None
 
 
 def _link_cells(row: LinkRow) -> list[str]:

@@ -171,7 +171,8 @@ class Prober:
 
     async def probe_once(self, origin: RegionConfig) -> ProbeResult | None:
         """One canary round from ``origin``; None if a region's Redis could not be reached."""
-        key = f"{origin.streams.namespace}:probe:{origin.region}:{next(self._seq)}:{time.time_ns()}"
+        # a cache key like any service's: the gateway's namespace is no producer's target
+        key = f"{origin.streams.namespace}-probe:{origin.region}:{next(self._seq)}:{time.time_ns()}"
         try:
             for cache in self.caches.values():
                 await cache.set(key, "canary", ex=max(60, int(self.timeout_s * 2)))
