@@ -266,7 +266,7 @@ async def test_restarting_each_region_s_redis_under_load_records_no_gap(
                 what=f"every key to be gone in {region}",
             )
         for region, client in by_region.items():
-            gaps: Any = await client.xrange(Names(namespace, "").gaps)
+            gaps: Any = await client.xrange(Names(configs[region].streams.namespace, "").gaps)
             assert gaps == [], f"{region} recorded gaps: {gaps}"
 
 
