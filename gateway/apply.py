@@ -13,6 +13,7 @@ from invalgw.clock import ServerClock
 from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Plan, plan_batch
 from invalgw.epoch import Epoch
+from invalgw.feed import Feed
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
@@ -126,8 +127,11 @@ class LocalApplier:
         resolver: Resolver,
         scanner: Scanner,
         tracer: InvalidationTracer,
+        feed: Feed | None = None,
     ) -> None:
         self.region = region
+        self.feed = feed
+        """Where each applied batch goes on to the peers' senders (read and parsed only here)."""
         self.resolver = resolver
         self.scanner = scanner
         self.epoch = epoch
@@ -174,6 +178,8 @@ class LocalApplier:
             self.cache, self.reader, acked, plan, self.status_key, self.status
         )
         self.record(valid, removed, started_ns, self.clock.now_ms())
+        if self.feed is not None:
+            self.feed.publish(self.reader.after, entries, valid)
 
 
 async def ack_with_status(

@@ -235,3 +235,16 @@ class Metrics:
             ["region", "peer"],
             registry=r,
         )
+        self.catch_ups = Counter(
+            "invalgw_sender_catch_ups",
+            "Times a sender read the local stream itself from its cursor (at start, after falling "
+            "behind the in-memory feed, or after its peer failed) before joining the feed again.",
+            ["region", "peer"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "invalgw_batches_in_flight",
+            "Envelopes sent to a peer's Redis whose reply has not come back yet.",
+            ["region", "peer"],
+            registry=r,
+        )
