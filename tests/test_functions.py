@@ -1,0 +1,82 @@
+"""Delivery through the Redis Function library ``invalgw``: each gateway loads it into its own
+Redis; a peer's credential needs FCALL, not SCRIPT LOAD or EVAL."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from invalgw.config import RegionConfig
+from invalgw.functions import APPEND, CLEAR_GAP, LIBRARY
+from invalgw.names import Names
+from invalgw.proto import entry_fields
+from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+def urls_of(servers: list[RedisServer]) -> dict[str, str]:
+    return {region: server.url for region, server in zip(REGIONS, servers, strict=True)}
+
+
+def as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}").geturl()
+
+
+def pairs(reply: list[Any]) -> dict[bytes, Any]:
+    """A RESP2 flat ``[name, value, …]`` reply as a dict."""
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+async def test_each_gateway_loads_the_library_into_its_own_redis(
+    configs: dict[str, RegionConfig],
+) -> None:
+    async with clients(configs) as redis_by_region:
+        east = redis_by_region["us-east"]
+        await east.function_flush()
+        async with running(configs, "us-east"):
+            [library] = await east.function_list(LIBRARY)
+            functions = {pairs(f)[b"name"] for f in pairs(library)[b"functions"]}
+            assert functions == {APPEND.encode(), CLEAR_GAP.encode()}
+
+
+async def test_a_peer_without_the_library_gets_it_from_its_own_gateway(
+    own_servers: list[RedisServer], namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """us-east may only FCALL in eu-west (no FUNCTION, SCRIPT or EVAL): until eu-west's gateway
+    starts and loads the library, us-east says why it cannot deliver, once, and keeps trying."""
+    configs = make_configs(urls_of(own_servers), namespace)
+    user = "sender"
+    peer_url = as_user(configs["eu-west"].redis.url, user, "secret")
+    configs = make_configs(
+        urls_of(own_servers), namespace, peer_urls={"us-east": {"eu-west": peer_url}}
+    )
+    names = Names(namespace, configs["us-east"].streams.local)
+    key = f"{namespace}:k"
+    async with clients(configs) as redis_by_region:
+        west = redis_by_region["eu-west"]
+        await west.acl_setuser(
+            user,
+            enabled=True,
+            passwords=["+secret"],
+            keys=["*"],
+            commands=["+@all", "-function", "-script", "-eval", "-evalsha", "-eval_ro"],
+        )
+        for client in redis_by_region.values():
+            await client.set(key, "cached")
+        async with running(configs, "us-east"):
+            await redis_by_region["us-east"].xadd(names.local_stream, entry_fields([key]))  # type: ignore[arg-type]
+            await wait_gone(redis_by_region["us-east"], [key], region="us-east")
+
+            async def explained() -> bool:
+                return "peer eu-west has no invalgw function yet" in caplog.text
+
+            await wait_until(explained, what="us-east to say why eu-west gets nothing")
+            assert await west.exists(key) == 1
+            async with running({"eu-west": configs["eu-west"]}):
+                await wait_gone(west, [key], region="eu-west")
+        assert caplog.text.count("peer eu-west has no invalgw function yet") == 1
