@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -52,6 +53,16 @@ FEED_BOUND = 64
 """Batches a sender's feed queue holds before the sender drops out and reads the stream itself."""
 
 
+@dataclass
+class _Saving:
+    """What confirmations changed since the last save."""
+
+    cursor: StreamId = ZERO
+    count: int = 0
+    gap: tuple[str, str] | None = None
+    ack: list[bytes] = field(default_factory=list)
+
+
 class Forwarder:
     """The sender to one peer: delivers the local stream's batches to the peer's mirror stream."""
 
@@ -74,6 +85,7 @@ class Forwarder:
         tracer: InvalidationTracer,
         feed: Feed | None = None,
         feed_bound: int = FEED_BOUND,
+        window: int = 16,
         claim_interval_ms: int = 15_000,
         claim_idle_ms: int = 60_000,
         backoff_cap_ms: int = 5000,
@@ -105,6 +117,7 @@ class Forwarder:
             mirror_max_len=mirror_max_len,
             drain=drain,
             metrics=metrics,
+            size=window,
         )
         self.cursor = SenderCursor(
             name=self.name,
@@ -129,6 +142,8 @@ class Forwarder:
         self._duplicates = metrics.duplicates.labels(region, peer)
         self._batch = metrics.batch_size.labels(region, "forward")
         self._catch_ups = metrics.catch_ups.labels(region, peer)
+        self._saving = _Saving()
+        self._progressed = False
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -167,17 +182,14 @@ class Forwarder:
         task_status.started()
         if not started:
             return
-        next_claim = time.monotonic() + self.claim_interval_ms / 1000
         failures = 0
         while not self.drain.requested:
             try:
-                if time.monotonic() >= next_claim:
-                    await self.cursor.claim(self.claim_idle_ms)
-                    next_claim = time.monotonic() + self.claim_interval_ms / 1000
-                await self._step()
-                failures = 0
-            except REDIS_ERRORS as exc:
-                failures += 1
+                await self._session()
+            except* REDIS_ERRORS as errors:
+                exc = errors.exceptions[0]
+                assert isinstance(exc, Exception)
+                failures = 1 if self._progressed else failures + 1
                 self._on_error(exc)
                 log_failure(self.name, exc, failures)
                 self.subscription.leave()  # catch up from the stream once the peer answers
@@ -185,11 +197,27 @@ class Forwarder:
         self.subscription.leave()
         log.info("%s: drained", self.name)
 
+    async def _session(self) -> None:
+        """One connection to the peer: envelopes written as they come, replies read by a task of
+        their own. Ends at a drain, or with the first error."""
+        self._progressed = False
+        try:
+            await self.window.open()
+            async with anyio.create_task_group() as replies:
+                replies.start_soon(self.window.serve, self._confirmed, self._commit)
+                next_claim = time.monotonic() + self.claim_interval_ms / 1000
+                while not self.drain.requested:
+                    if time.monotonic() >= next_claim:
+                        await self.cursor.claim(self.claim_idle_ms)
+                        next_claim = time.monotonic() + self.claim_interval_ms / 1000
+                    await self._step()
+                await self.window.settle()
+                replies.cancel_scope.cancel()
+        finally:
+            await self.window.close()
+
     async def _step(self) -> None:
         self._follow_epoch()
-        if self.window:  # envelopes the peer has not confirmed: again, in order
-            await self._flush()
-            return
         subscription: Subscription = self.subscription
         if subscription.dropped:
             subscription.join()  # first, so that nothing written meanwhile is missed
@@ -235,7 +263,7 @@ class Forwarder:
                 return
             valid, _dead, _lost = parse_batch(entries, self.limits)  # dead: the apply's business
             await self.deliver(valid, StreamId.parse(entries[-1][0]), len(entries))
-            if len(entries) < count or self.window:
+            if len(entries) < count:
                 return
 
     # -- one batch ------------------------------------------------------------------------------
@@ -262,6 +290,7 @@ class Forwarder:
         """Send ``valid`` (with a pending gap notice); the cursor moves to ``cursor``, ``count``
         entries of the stream further, once the peer confirmed."""
         epoch = self._follow_epoch()
+        await self.window.room()
         gap = self._gap_to_send()
         out = Outgoing("", epoch, self.last, b"", cursor, count, ack=list(ack))
         if valid or gap:
@@ -298,10 +327,17 @@ class Forwarder:
             self._gap_sent = out.gap
 
     async def _flush(self) -> None:
-        await self.window.flush(self._confirmed)
+        """Write what the window holds (without a session: send it and wait for the replies)."""
+        if self.window.is_open:
+            await self.window.send()
+        else:
+            await self.window.flush(self._confirmed, self._commit)
 
-    async def _confirmed(self, out: Outgoing, appended: bool) -> None:
-        """The peer answered for ``out``: count it, and save how far the peer got."""
+    def _confirmed(self, out: Outgoing, appended: bool) -> None:
+        """The peer answered for ``out``: count it, and note how far the peer got."""
+        self._progressed = True
+        if out.epoch != self._last_epoch:  # sent before the stream was lost: nothing to save
+            return
         if out.kind:
             self.tracer.end_forward(out.spans, duplicate=not appended)
         if out.kind == "batch":
@@ -317,11 +353,21 @@ class Forwarder:
             self._gap_sent = None
             if not appended:  # the peer did not append the batch, so not its gap either
                 self.window.add(self._gap_notice(out.gap, out.last, out.epoch))
-        state = {"epoch": out.epoch, "last": self._confirmed_last}
+        if delivered_gap is not None:
+            self._saving.gap = delivered_gap
+        saving = self._saving
+        saving.cursor, saving.count = max(saving.cursor, out.cursor), saving.count + out.count
+        saving.ack += out.ack
+
+    async def _commit(self) -> None:
+        """Save the link state and move the cursor as far as the peer confirmed, in one round
+        trip to the local Redis."""
+        saving, self._saving = self._saving, _Saving()
+        state = {"epoch": self._last_epoch, "last": self._confirmed_last}
         await self.cursor.save(
-            state=state, gap=delivered_gap, cursor=out.cursor, count=out.count, ack=out.ack
+            state=state, gap=saving.gap, cursor=saving.cursor, count=saving.count, ack=saving.ack
         )
-        if delivered_gap is not None and delivered_gap == self.pending_gap:
+        if saving.gap is not None and saving.gap == self.pending_gap:
             self.pending_gap = None
 
     def _gap_notice(self, gap: tuple[str, str], prev: str, epoch: str) -> Outgoing:
@@ -363,7 +409,9 @@ class Forwarder:
             self._last_epoch, self.last, self._confirmed_last = epoch, "0-0", "0-0"
             self.position = self.cursor.position = ZERO
             self.cursor.entries_read = 0
-            self.window.clear()
+            self._saving = _Saving()
+            if not self.window.is_open:  # else their replies come, and are ignored
+                self.window.clear()
             self._gap_sent = None
         return epoch
 

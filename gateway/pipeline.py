@@ -87,6 +87,7 @@ def build_pipeline(region: Region) -> Pipeline:
             tracer=region.tracer,
             feed=feed,
             feed_bound=config.gateway.feed_batches,
+            window=config.gateway.window_batches,
             claim_interval_ms=config.gateway.claim_interval_ms,
             claim_idle_ms=config.gateway.claim_idle_ms,
             backoff_cap_ms=config.gateway.retry_backoff_cap_ms,

@@ -1,9 +1,12 @@
-"""Envelopes on their way to one peer: appended in order, re-sent from the first unconfirmed one.
+"""Envelopes on their way to one peer: pipelined in order, re-sent from the first unconfirmed one.
 
-Each envelope is one ``FCALL invalgw_append`` on the peer (see :mod:`invalgw.functions`). An
-envelope stays in the window until the peer's reply confirms it (appended, or recognised as a
-duplicate); after a lost connection or reply the window sends the very same envelopes again, in
-order, so the peer's dedup on the last origin ID recognises each one it already has.
+Each envelope is one ``FCALL invalgw_append`` on the peer (see :mod:`invalgw.functions`). While a
+session is open, envelopes are written on one connection as they come, up to ``size`` without a
+reply, and a reader task takes the replies in order: a new batch never waits for the previous
+one's reply, and Redis appends them in the order written. An envelope stays in the window until
+the peer's reply confirms it (appended, or recognised as a duplicate); after a lost connection or
+reply the next session writes the very same envelopes again, in order, so the peer's dedup on the
+last origin ID recognises each one it already has.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import redis
 
 from invalgw.connections import AsyncRedis
@@ -26,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DRAIN_GRACE_S = 1.0
 """How long a drain waits for a call to a peer already under way (a healthy one answers sooner)."""
+
+COMMIT_EVERY = 8
+"""Confirmed envelopes saved together at most (sooner when no other reply is due)."""
 
 
 @dataclass
@@ -50,8 +57,11 @@ class Outgoing:
     """Pending entries of the sender's group to acknowledge once confirmed."""
 
 
-Confirm = Callable[[Outgoing, bool], Awaitable[None]]
+Confirm = Callable[[Outgoing, bool], None]
 """Told of each envelope the peer confirmed, in order, and whether it was appended."""
+
+Commit = Callable[[], Awaitable[None]]
+"""Saves what the confirmations so far changed (one round trip for several of them)."""
 
 
 class PeerWindow:
@@ -67,19 +77,30 @@ class PeerWindow:
         mirror_max_len: int,
         drain: Drain,
         metrics: Metrics,
+        size: int = 16,
     ) -> None:
         self.peer = peer
         self.remote = remote
         self.mirror_keys = mirror_keys
         self.mirror_max_len = mirror_max_len
         self.drain = drain
+        self.size = size
         self.unconfirmed: deque[Outgoing] = deque()
+        self._written = 0
+        """How many of :attr:`unconfirmed` (the oldest) went out on the open connection."""
+        self._connection: Any = None
+        self._changed = anyio.Event()
+        self._writing = anyio.Lock()
         self._function_warned = False
         self._link_up = metrics.link_up.labels(region, peer)
         self._in_flight = metrics.in_flight.labels(region, peer)
 
     def __len__(self) -> int:
         return len(self.unconfirmed)
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None
 
     def add(self, out: Outgoing) -> None:
         """Queue ``out``; a cursor move only joins the envelope before it, if there is one."""
@@ -92,8 +113,98 @@ class PeerWindow:
 
     def clear(self) -> None:
         self.unconfirmed.clear()
+        self._written = 0
+        self._in_flight.set(0)
 
-    async def flush(self, confirm: Confirm) -> bool:
+    async def room(self) -> None:
+        """Wait until the window has room for one more envelope."""
+        while len(self.unconfirmed) >= self.size:
+            await self._wait_change()
+
+    async def _wait_change(self) -> None:
+        self._changed = anyio.Event()
+        await self._changed.wait()
+
+    # -- a session: one connection, writes and a reader of replies ------------------------------
+
+    async def open(self) -> None:
+        """Take a connection of its own and write every unconfirmed envelope on it again."""
+        self._connection = await self.remote.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        self._written = 0
+        await self.send()
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._written = 0
+        self._in_flight.set(0)
+        if connection is not None:
+            with anyio.move_on_after(1, shield=True):
+                await connection.disconnect()  # replies may be left unread: never reuse it
+                await self.remote.connection_pool.release(connection)
+
+    async def send(self) -> None:
+        """Write the envelopes not yet written, as far as the window allows."""
+        async with self._writing:
+            while self._connection is not None and self._written < min(
+                len(self.unconfirmed), self.size
+            ):
+                out = self.unconfirmed[self._written]
+                self._written += 1
+                self._in_flight.set(self._written)
+                if out.kind:
+                    command = self._connection.pack_command("FCALL", APPEND, 2, *self._args(out))
+                    try:
+                        await self._connection.send_packed_command(command, check_health=False)
+                    except (redis.ConnectionError, redis.TimeoutError, OSError):
+                        self._link_up.set(0)
+                        raise
+                self._changed.set()
+
+    async def serve(self, confirm: Confirm, commit: Commit) -> None:
+        """Take the peer's replies in order, until cancelled (or the connection fails)."""
+        uncommitted = 0
+        while True:
+            while not self._written:
+                await self._wait_change()
+            out = self.unconfirmed[0]
+            appended = True
+            if out.kind:
+                appended = await self._reply()
+            self.unconfirmed.popleft()
+            self._written -= 1
+            self._in_flight.set(self._written)
+            confirm(out, appended)
+            uncommitted += 1
+            if not self._written or uncommitted >= COMMIT_EVERY:
+                await commit()
+                uncommitted = 0
+            self._changed.set()
+            await self.send()
+
+    async def _reply(self) -> bool:
+        try:
+            reply = await self._connection.read_response()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._link_up.set(0)
+            raise
+        except redis.ResponseError as exc:
+            if function_missing(exc):
+                await self._load_function(exc)
+            raise
+        self._link_up.set(1)
+        return bool(reply[0] == b"ok")
+
+    async def settle(self) -> None:
+        """At a drain: wait a little for the replies to what was written."""
+        with anyio.move_on_after(DRAIN_GRACE_S):
+            while self._written:
+                await self._wait_change()
+        if self._written:
+            log.warning("%s: draining: gave up waiting; sent again after a restart", self.peer)
+
+    # -- without a session: one call at a time (tests, tools) -----------------------------------
+
+    async def flush(self, confirm: Confirm, commit: Commit) -> bool:
         """Send every unconfirmed envelope in order; False if a drain gave up on the peer."""
         while self.unconfirmed:
             out = self.unconfirmed[0]
@@ -104,16 +215,19 @@ class PeerWindow:
                     return False
                 appended = reply[0] == b"ok"
             self.unconfirmed.popleft()
-            await confirm(out, appended)
+            confirm(out, appended)
+            await commit()
         return True
+
+    def _args(self, out: Outgoing) -> list[Any]:
+        return [*self.mirror_keys, out.kind, out.epoch, out.last, out.payload, self.mirror_max_len]
 
     async def _call(self, out: Outgoing) -> Any:
         """One append on the peer; None if a drain gave up waiting for the peer."""
-        args = [*self.mirror_keys, out.kind, out.epoch, out.last, out.payload, self.mirror_max_len]
         self._in_flight.inc()
         with self.drain.interruptible(DRAIN_GRACE_S) as call:
             try:
-                reply = await self._append(args)
+                reply = await self._append(self._args(out))
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 self._link_up.set(0)
                 raise
@@ -126,23 +240,26 @@ class PeerWindow:
         return reply
 
     async def _append(self, args: list[Any]) -> Any:
-        """``FCALL invalgw_append`` on the peer; where the peer lacks the library (its gateway has
-        not started yet), load it there if this credential may, else say so once."""
         try:
             return await self.remote.fcall(APPEND, 2, *args)
         except redis.ResponseError as exc:
             if not function_missing(exc):
                 raise
-            try:
-                await load_library(self.remote)
-            except redis.ResponseError as refused:
-                level = logging.DEBUG if self._function_warned else logging.WARNING
-                self._function_warned = True
-                log.log(
-                    level,
-                    "peer %s has no invalgw function yet: its gateway loads it at start (%s)",
-                    self.peer,
-                    refused,
-                )
-                raise exc from None
+            await self._load_function(exc)
         return await self.remote.fcall(APPEND, 2, *args)
+
+    async def _load_function(self, missing: redis.ResponseError) -> None:
+        """The peer lacks the library (its gateway has not started yet): load it there if this
+        credential may, else say so once and raise ``missing``."""
+        try:
+            await load_library(self.remote)
+        except redis.ResponseError as refused:
+            level = logging.DEBUG if self._function_warned else logging.WARNING
+            self._function_warned = True
+            log.log(
+                level,
+                "peer %s has no invalgw function yet: its gateway loads it at start (%s)",
+                self.peer,
+                refused,
+            )
+            raise missing from None

@@ -4,24 +4,40 @@ neither the local apply nor the other peers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
 import pytest
 import redis.asyncio
 
+from invalgw.dev.localredis import free_port
 from invalgw.names import Names
-from invalgw.proto import Batch, decode_envelope, entry_fields
+from invalgw.proto import Batch, StreamId, decode_envelope, entry_fields
 from invalgw.service import Gateway
 from tests.conftest import (
     REGIONS,
     clients,
     make_configs,
     metric,
+    proxied,
     running,
     stream_entries,
+    via,
     wait_gone,
     wait_until,
+)
+from tests.processes import (
+    Processes,
+    all_gone,
+    cache_keys,
+    die_with_parent,
+    sync_client,
+    wait_for,
+    write_burst,
 )
 from tests.servers import RedisServer
 
@@ -45,40 +61,59 @@ async def mirror_events(client: redis.asyncio.Redis, mirror: str) -> list[bytes]
 async def test_a_sender_that_overflows_its_feed_catches_up_and_rejoins_in_order(
     session_servers: list[RedisServer], namespace: str
 ) -> None:
-    """With room for one batch in memory, a burst overflows every sender's feed again and again:
-    each reads the stream from its cursor and joins again. Every peer still gets every entry
-    exactly once, in order, with no gap."""
-    configs = make_configs(
-        urls_of(session_servers),
-        namespace,
-        gateway={"batch_size": 5, "feed_batches": 1, "trim_interval_ms": 600_000},
-    )
-    names = Names(namespace, configs["us-east"].streams.local)
-    keys = [f"{namespace}:k{i}" for i in range(600)]
-    async with clients(configs) as redis_by_region, running(configs) as gateways:
-        east = redis_by_region["us-east"]
-        for client in redis_by_region.values():
-            await client.mset(dict.fromkeys(keys, "cached"))
-        async with east.pipeline(transaction=False) as pipe:
-            for i in range(0, len(keys), 2):
-                pipe.xadd(names.local_stream, entry_fields(keys[i : i + 2]))  # type: ignore[arg-type]
-            written: list[bytes] = await pipe.execute()
-        for region, client in redis_by_region.items():
-            await wait_gone(client, keys, region=region, seconds=20)
-        for peer in ("eu-west", "ap-south"):
+    """With room for 8 batches in memory, a burst written while the link to ap-south is a black
+    hole overflows that sender's feed: once the link heals it reads the stream from its cursor and
+    joins the feed again. Every peer still gets every entry exactly once, in order, no gap."""
+    urls = urls_of(session_servers)
+    async with proxied(urls["ap-south"]) as slow:
+        configs = make_configs(
+            urls,
+            namespace,
+            peer_urls={"us-east": {"ap-south": via(slow, urls["ap-south"])}},
+            gateway={"batch_size": 2, "feed_batches": 8, "trim_interval_ms": 600_000},
+        )
+        names = Names(namespace, configs["us-east"].streams.local)
+        keys = [f"{namespace}:k{i}" for i in range(600)]
+        async with clients(configs) as redis_by_region, running(configs) as gateways:
+            east = redis_by_region["us-east"]
+            for client in redis_by_region.values():
+                await client.mset(dict.fromkeys(keys, "cached"))
+            slow.blackhole()
+            async with east.pipeline(transaction=False) as pipe:
+                for i in range(0, len(keys), 2):
+                    pipe.xadd(names.local_stream, entry_fields(keys[i : i + 2]))  # type: ignore[arg-type]
+                written: list[bytes] = await pipe.execute()
+            for region in ("us-east", "eu-west"):
+                await wait_gone(redis_by_region[region], keys, region=region)
+            slow.heal()
+            await wait_gone(redis_by_region["ap-south"], keys, region="ap-south")
             catch_ups = metric(
-                gateways["us-east"], "invalgw_sender_catch_ups_total", region="us-east", peer=peer
+                gateways["us-east"],
+                "invalgw_sender_catch_ups_total",
+                region="us-east",
+                peer="ap-south",
             )
-            assert catch_ups >= 2, f"{peer}: the sender never fell behind the feed"
+            assert catch_ups >= 2, "the sender to ap-south never fell behind the feed"
+            # caught up, it is fed from memory again: no more reads of the stream
+            more = [f"{namespace}:more{i}" for i in range(10)]
+            await redis_by_region["ap-south"].mset(dict.fromkeys(more, "cached"))
+            for key in more:
+                written.append(await east.xadd(names.local_stream, entry_fields([key])))  # type: ignore[arg-type]
+                await wait_gone(redis_by_region["ap-south"], [key], region="ap-south")
+            labels = {"region": "us-east", "peer": "ap-south"}
+            assert metric(gateways["us-east"], "invalgw_sender_catch_ups_total", **labels) == (
+                catch_ups
+            )
+            for peer in ("eu-west", "ap-south"):
 
-            async def delivered(peer: str = peer) -> bool:
+                async def delivered(peer: str = peer) -> bool:
+                    sent = await mirror_events(redis_by_region[peer], names.mirror("us-east"))
+                    return len(sent) >= len(written)
+
+                await wait_until(delivered, what=f"every entry in {peer}'s mirror")
                 sent = await mirror_events(redis_by_region[peer], names.mirror("us-east"))
-                return len(sent) >= len(written)
-
-            await wait_until(delivered, what=f"every entry in {peer}'s mirror")
-            sent = await mirror_events(redis_by_region[peer], names.mirror("us-east"))
-            assert sent == written, f"{peer}: entries missing, repeated or out of order"
-            assert await redis_by_region[peer].xlen(names.gaps) == 0
+                assert sent == written, f"{peer}: entries missing, repeated or out of order"
+                assert await redis_by_region[peer].xlen(names.gaps) == 0
 
 
 async def test_a_stalled_peer_holds_up_neither_the_local_apply_nor_the_other_peer(
@@ -117,3 +152,58 @@ def _link_up(gateway: Gateway, peer: str) -> Callable[[], Awaitable[bool]]:
         return metric(gateway, "invalgw_link_up", region="us-east", peer=peer) == 1
 
     return up
+
+
+@pytest.mark.e2e
+def test_sigkill_with_batches_in_flight_loses_nothing(
+    session_servers: list[RedisServer], namespace: str, processes: Processes
+) -> None:
+    """us-east pipelines batches to eu-west over a 100 ms link and is killed while replies are
+    on their way: after a restart nothing is missing, and the re-sent batches eu-west already
+    had are recognised as duplicates, not appended again."""
+    urls = urls_of(session_servers)
+    listen = free_port()
+    target = urls["eu-west"].removeprefix("redis://").removesuffix("/0")
+    proxy = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "invalgw", "wan-proxy"),
+            *(f"--listen=127.0.0.1:{listen}", f"--target={target}", "--delay-ms=100"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        configs = make_configs(
+            urls,
+            namespace,
+            peer_urls={"us-east": {"eu-west": f"redis://127.0.0.1:{listen}/0"}},
+            gateway={"batch_size": 20, "trim_interval_ms": 600_000},
+        )
+        names = Names(namespace, configs["us-east"].streams.local)
+        redis_by_region = {region: sync_client(config) for region, config in configs.items()}
+        east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+        keys = [f"{namespace}:user:{i}" for i in range(3000)]
+        cache_keys(redis_by_region.values(), keys)
+        gateways = processes.start_all(configs)
+        write_burst(east, names.local_stream, keys)
+        wait_for(
+            lambda: int(west.xlen(names.mirror("us-east"))) >= 20,
+            what="eu-west to have accepted some batches",
+        )
+        gateways["us-east"].kill()
+        accepted = StreamId.parse(west.hget(names.mirror_state("us-east"), "last") or b"0-0")
+        saved = StreamId.parse(east.hget(names.link("eu-west"), "last") or b"0-0")
+        assert accepted > saved, "no batch was in flight when us-east was killed"
+
+        restarted = processes.add("us-east", configs["us-east"]).start().wait_ready()
+        for region, client in redis_by_region.items():
+            wait_for(partial(all_gone, client, keys), what=f"every key gone in {region}")
+        restarted.wait_for_log("was already delivered")
+        mirror: Any = west.xrange(names.mirror("us-east"))
+        envelopes = [decode_envelope(fields[b"d"]) for _, fields in mirror]
+        sent = {e.id for b in envelopes if isinstance(b, Batch) for e in b.events}
+        assert len(sent) == len(keys) == east.xinfo_stream(names.local_stream)["entries-added"]
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=5)
