@@ -10,6 +10,7 @@ from functools import partial
 
 from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
 from invalgw.clock import ServerClock
+from invalgw.conflate import conflate
 from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Plan, plan_batch
 from invalgw.epoch import Epoch
@@ -132,6 +133,7 @@ class LocalApplier:
         self.region = region
         self.feed = feed
         """Where each applied batch goes on to the peers' senders (read and parsed only here)."""
+        self._conflated = metrics.conflated.labels(region)
         self.resolver = resolver
         self.scanner = scanner
         self.epoch = epoch
@@ -155,6 +157,8 @@ class LocalApplier:
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
         valid, dead, lost = parse_batch(entries, self.limits)
+        valid, conflated = conflate(valid)  # applied and sent once per key
+        self._conflated.inc(conflated)
         await self.dead_letters.put(self.reader.stream, dead)
         if lost:
             await self.gaps.record(

@@ -32,6 +32,7 @@ import anyio.abc
 
 from invalgw.apply import parse_batch
 from invalgw.clock import ServerClock
+from invalgw.conflate import conflate
 from invalgw.connections import REDIS_ERRORS, AsyncRedis
 from invalgw.cursor import SenderCursor
 from invalgw.epoch import Epoch
@@ -262,6 +263,7 @@ class Forwarder:
             if not entries:
                 return
             valid, _dead, _lost = parse_batch(entries, self.limits)  # dead: the apply's business
+            valid, _conflated = conflate(valid)  # counted by the local apply
             await self.deliver(valid, StreamId.parse(entries[-1][0]), len(entries))
             if len(entries) < count:
                 return

@@ -235,6 +235,14 @@ class Metrics:
             ["region", "peer"],
             registry=r,
         )
+        self.conflated = Counter(
+            "invalgw_conflated",
+            "Key invalidations merged into another of the same key in the same batch: applied "
+            "and sent once, with the strongest effect.",
+            ["region"],
+            registry=r,
+        )
+        self.conflated.labels(region)
         self.catch_ups = Counter(
             "invalgw_sender_catch_ups",
             "Times a sender read the local stream itself from its cursor (at start, after falling "
