@@ -23,15 +23,17 @@ _STRENGTH = {"expire": 0, "hybrid": 1, "unlink": 2}
 
 def conflate(events: Sequence[Invalidation]) -> tuple[list[Invalidation], int]:
     """``events`` with each key kept once where that is safe; and how many occurrences went."""
+    distinct: set[str] = set()
+    total = 0
+    for event in events:
+        total += len(event.keys)
+        distinct.update(event.keys)
+    if len(distinct) == total:  # the usual case, checked in C
+        return list(events), 0
     occurrences: dict[str, list[int]] = {}
-    repeated = False
     for index, event in enumerate(events):
         for key in event.keys:
-            where = occurrences.setdefault(key, [])
-            repeated = repeated or bool(where)
-            where.append(index)
-    if not repeated:
-        return list(events), 0
+            occurrences.setdefault(key, []).append(index)
     drop: dict[int, set[str]] = {}
     for key, where in occurrences.items():
         if len(where) > 1 and (keep := _strongest(events, where)) is not None:

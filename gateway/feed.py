@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import anyio
+import msgspec
 
 from invalgw.proto import Invalidation, StreamId
 from invalgw.read import Entry
@@ -35,6 +37,14 @@ class FedBatch:
     """Every entry of the batch, in order (valid or not): a sender's cursor counts them."""
     events: Sequence[Invalidation]
     """The valid invalidations, in order (invalid entries were dead-lettered by the local apply)."""
+
+    @cached_property
+    def encoded_events(self) -> msgspec.Raw:
+        """:attr:`events` as they go into an envelope, encoded once for every peer."""
+        return msgspec.Raw(_encoder.encode(self.events))
+
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 class Subscription:

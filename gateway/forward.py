@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 
 from invalgw.apply import parse_batch
 from invalgw.clock import ServerClock
@@ -52,6 +53,22 @@ __all__ = ["DRAIN_GRACE_S", "FEED_BOUND", "Forwarder"]
 
 FEED_BOUND = 64
 """Batches a sender's feed queue holds before the sender drops out and reads the stream itself."""
+
+
+class BatchOut(msgspec.Struct, frozen=True, tag="batch"):
+    """A :class:`~invalgw.proto.Batch` as sent: the same fields and encoding, with the events
+    already encoded (once, for every peer)."""
+
+    origin: str
+    epoch: str
+    prev: str
+    events: msgspec.Raw
+    sent_ms: int
+    gap_from: str | None = None
+    gap_to: str | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 @dataclass
@@ -244,12 +261,12 @@ class Forwarder:
             await self._catch_up(fed.last if fed.after is None else fed.after)
             if fed.after is None or fed.last <= self.position or self.drain.requested:
                 return
-        entries: Sequence[Entry] = fed.entries
-        events: Sequence[Invalidation] = fed.events
         if fed.after < self.position:  # partly sent already
-            entries = [e for e in entries if StreamId.parse(e[0]) > self.position]
-            events = [e for e in events if StreamId.parse(e.id) > self.position]
-        await self.deliver(events, fed.last, len(entries))
+            entries = [e for e in fed.entries if StreamId.parse(e[0]) > self.position]
+            events = [e for e in fed.events if StreamId.parse(e.id) > self.position]
+            await self.deliver(events, fed.last, len(entries))
+        else:
+            await self.deliver(fed.events, fed.last, len(fed.entries), encoded=fed)
 
     async def _catch_up(self, until: StreamId | None) -> None:
         """Send the entries after the cursor (up to ``until``, or to the end) in batches."""
@@ -288,29 +305,29 @@ class Forwarder:
         count: int,
         *,
         ack: Sequence[bytes] = (),
+        encoded: FedBatch | None = None,
     ) -> None:
         """Send ``valid`` (with a pending gap notice); the cursor moves to ``cursor``, ``count``
-        entries of the stream further, once the peer confirmed."""
+        entries of the stream further, once the peer confirmed. ``encoded``: the fed batch
+        ``valid`` comes from, whose events are encoded once for every peer."""
         epoch = self._follow_epoch()
         await self.window.room()
         gap = self._gap_to_send()
         out = Outgoing("", epoch, self.last, b"", cursor, count, ack=list(ack))
         if valid or gap:
             events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
-            batch = Batch(
+            raw = encoded.encoded_events if encoded is not None and not out.spans else None
+            batch = (BatchOut if raw is not None else Batch)(
                 origin=self.region,
                 epoch=epoch,
                 prev=self.last,
-                events=events,
+                events=raw if raw is not None else events,  # type: ignore[arg-type]
                 sent_ms=int(self.clock.now_ms()),
                 gap_from=gap[0] if gap else None,
                 gap_to=gap[1] if gap else None,
             )
-            out.kind, out.payload, out.gap = (
-                "batch" if valid else "notice",
-                encode_envelope(batch),
-                gap,
-            )
+            out.kind = "batch" if valid else "notice"
+            out.payload, out.gap = _encoder.encode(batch), gap
             if valid:
                 out.last = self.last = valid[-1].id
                 out.events = len(valid)
