@@ -219,6 +219,7 @@ class Forwarder:
         """One connection to the peer: envelopes written as they come, replies read by a task of
         their own. Ends at a drain, or with the first error."""
         self._progressed = False
+        self.window.keep_epoch(self._follow_epoch())  # envelopes of a lost stream are not sent
         try:
             await self.window.open()
             async with anyio.create_task_group() as replies:
@@ -311,7 +312,10 @@ class Forwarder:
         entries of the stream further, once the peer confirmed. ``encoded``: the fed batch
         ``valid`` comes from, whose events are encoded once for every peer."""
         epoch = self._follow_epoch()
-        await self.window.room()
+        with self.drain.interruptible():
+            await self.window.room()
+        if self.window.full:  # a drain stopped the wait: the cursor stays before these entries
+            return
         gap = self._gap_to_send()
         out = Outgoing("", epoch, self.last, b"", cursor, count, ack=list(ack))
         if valid or gap:

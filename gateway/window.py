@@ -111,6 +111,15 @@ class PeerWindow:
             return
         self.unconfirmed.append(out)
 
+    @property
+    def full(self) -> bool:
+        return len(self.unconfirmed) >= self.size
+
+    def keep_epoch(self, epoch: str) -> None:
+        """Drop the envelopes of another epoch (not written yet on any open connection)."""
+        if any(out.epoch != epoch for out in self.unconfirmed):
+            self.unconfirmed = deque(out for out in self.unconfirmed if out.epoch == epoch)
+
     def clear(self) -> None:
         self.unconfirmed.clear()
         self._written = 0
@@ -118,7 +127,7 @@ class PeerWindow:
 
     async def room(self) -> None:
         """Wait until the window has room for one more envelope."""
-        while len(self.unconfirmed) >= self.size:
+        while self.full:
             await self._wait_change()
 
     async def _wait_change(self) -> None:
