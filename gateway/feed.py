@@ -39,6 +39,11 @@ class FedBatch:
     """The valid invalidations, in order (invalid entries were dead-lettered by the local apply)."""
 
     @cached_property
+    def traced(self) -> bool:
+        """Whether any event carries a trace context (then each peer's send is traced)."""
+        return any(event.traceparent for event in self.events)
+
+    @cached_property
     def encoded_events(self) -> msgspec.Raw:
         """:attr:`events` as they go into an envelope, encoded once for every peer."""
         return msgspec.Raw(_encoder.encode(self.events))

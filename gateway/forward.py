@@ -319,8 +319,12 @@ class Forwarder:
         gap = self._gap_to_send()
         out = Outgoing("", epoch, self.last, b"", cursor, count, ack=list(ack))
         if valid or gap:
-            events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
-            raw = encoded.encoded_events if encoded is not None and not out.spans else None
+            raw: msgspec.Raw | None = None
+            events: Sequence[Invalidation] = valid
+            if encoded is None or encoded.traced:
+                events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
+            if encoded is not None and not out.spans:
+                raw = encoded.encoded_events
             batch = (BatchOut if raw is not None else Batch)(
                 origin=self.region,
                 epoch=epoch,
