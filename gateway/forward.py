@@ -423,11 +423,24 @@ class Forwarder:
             now = self.clock.now_ms()
             if now - self.last_sent_ms < self.heartbeat_interval_ms:
                 return
+            if await self._feed_stalled(now):
+                return
             beat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
             out = Outgoing("notice", epoch, self.last, encode_envelope(beat), self.position, 0)
             self._sending(out)
             self.window.add(out)
         await self._flush()
+
+    async def _feed_stalled(self, now_ms: float) -> bool:
+        """Whether the stream holds an entry after the cursor that the feed has not brought for
+        a heartbeat interval (the local apply is stuck, e.g. its cache is down): then this
+        sender leaves the feed and reads the stream itself, so the peers keep their pace."""
+        reply: Any = await self.local.xrange(self.reader.stream, f"({self.position}", "+", count=1)
+        if reply and now_ms - StreamId.parse(reply[0][0]).ms > self.heartbeat_interval_ms:
+            log.info("%s: the local apply is behind; reading the stream itself", self.name)
+            self.subscription.leave()
+            return True
+        return False
 
     def _follow_epoch(self) -> str:
         """The current epoch; when it changed (the stream was lost), nothing is delivered in it."""

@@ -15,7 +15,8 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from invalgw.dev.localredis import free_port
+from invalgw.config import CacheEndpoint
+from invalgw.dev.localredis import RedisProcess, free_port
 from invalgw.forward import BatchOut
 from invalgw.names import Names
 from invalgw.proto import (
@@ -230,3 +231,32 @@ def test_events_encoded_once_make_the_same_envelope() -> None:
     once = msgspec.msgpack.encode(BatchOut(events=raw, **fields))  # type: ignore[arg-type]
     assert once == encode_envelope(Batch(events=events, **fields))  # type: ignore[arg-type]
     assert decode_envelope(once) == Batch(events=events, **fields)  # type: ignore[arg-type]
+
+
+async def test_the_peers_keep_their_pace_while_the_local_apply_is_stuck(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """us-east cannot reach its cache, so its local apply reads no further and feeds nothing:
+    each sender notices within a heartbeat interval and reads the stream itself."""
+    configs = make_configs(urls_of(session_servers), namespace)
+    unreachable = RedisProcess(preexec=die_with_parent)  # never started
+    east_config = msgspec.structs.replace(
+        configs["us-east"],
+        cache=CacheEndpoint(
+            url=unreachable.url, socket_timeout_ms=500, connect_timeout_ms=200, retries=0
+        ),
+    )
+    configs = {**configs, "us-east": east_config}
+    names = Names(namespace, configs["us-east"].streams.local)
+    keys = [f"{namespace}:k{i}" for i in range(10)]
+    async with clients(configs) as redis_by_region, running(configs) as gateways:
+        for client in redis_by_region.values():
+            await client.mset(dict.fromkeys(keys, "cached"))
+        for key in keys:
+            await redis_by_region["us-east"].xadd(names.local_stream, entry_fields([key]))  # type: ignore[arg-type]
+        for region in ("eu-west", "ap-south"):
+            await wait_gone(redis_by_region[region], keys, region=region)
+        errors = metric(
+            gateways["us-east"], "invalgw_redis_errors_total", region="us-east", target="us-east"
+        )
+        assert errors >= 1, "the local apply was expected to fail"
