@@ -159,6 +159,8 @@ class LocalApplier:
         valid, dead, lost = parse_batch(entries, self.limits)
         valid, conflated = conflate(valid)  # applied and sent once per key
         self._conflated.inc(conflated)
+        if self.feed is not None:  # the peers' senders need not wait for this region's cache
+            self.feed.publish(self.reader.after, entries, valid)
         await self.dead_letters.put(self.reader.stream, dead)
         if lost:
             await self.gaps.record(
@@ -182,8 +184,6 @@ class LocalApplier:
             self.cache, self.reader, acked, plan, self.status_key, self.status
         )
         self.record(valid, removed, started_ns, self.clock.now_ms())
-        if self.feed is not None:
-            self.feed.publish(self.reader.after, entries, valid)
 
 
 async def ack_with_status(

@@ -45,7 +45,7 @@ from invalgw.proto.streamid import ZERO
 from invalgw.read import Entry, GroupReader
 from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
 from invalgw.tracing import InvalidationTracer
-from invalgw.window import DRAIN_GRACE_S, Outgoing, PeerWindow
+from invalgw.window import DRAIN_GRACE_S, Outgoing, PeerWindow, Resend
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class Forwarder:
         self._batch = metrics.batch_size.labels(region, "forward")
         self._catch_ups = metrics.catch_ups.labels(region, peer)
         self._saving = _Saving()
+        self._unsaved = False
         self._progressed = False
 
     # -- start-up -------------------------------------------------------------------------------
@@ -204,6 +205,8 @@ class Forwarder:
         while not self.drain.requested:
             try:
                 await self._session()
+            except* Resend:
+                self.subscription.leave()
             except* REDIS_ERRORS as errors:
                 exc = errors.exceptions[0]
                 assert isinstance(exc, Exception)
@@ -232,6 +235,8 @@ class Forwarder:
                     await self._step()
                 await self.window.settle()
                 replies.cancel_scope.cancel()
+            if self._unsaved:  # confirmed since the last save
+                await self._commit()
         finally:
             await self.window.close()
 
@@ -317,7 +322,7 @@ class Forwarder:
         if self.window.full:  # a drain stopped the wait: the cursor stays before these entries
             return
         gap = self._gap_to_send()
-        out = Outgoing("", epoch, self.last, b"", cursor, count, ack=list(ack))
+        out = Outgoing("", epoch, self.last, b"", cursor, count, prev=self.last, ack=list(ack))
         if valid or gap:
             raw: msgspec.Raw | None = None
             events: Sequence[Invalidation] = valid
@@ -362,7 +367,7 @@ class Forwarder:
 
     def _confirmed(self, out: Outgoing, appended: bool) -> None:
         """The peer answered for ``out``: count it, and note how far the peer got."""
-        self._progressed = True
+        self._progressed = self._unsaved = True
         if out.epoch != self._last_epoch:  # sent before the stream was lost: nothing to save
             return
         if out.kind:
@@ -389,7 +394,7 @@ class Forwarder:
     async def _commit(self) -> None:
         """Save the link state and move the cursor as far as the peer confirmed, in one round
         trip to the local Redis."""
-        saving, self._saving = self._saving, _Saving()
+        saving, self._saving, self._unsaved = self._saving, _Saving(), False
         state = {"epoch": self._last_epoch, "last": self._confirmed_last}
         await self.cursor.save(
             state=state, gap=saving.gap, cursor=saving.cursor, count=saving.count, ack=saving.ack
@@ -407,7 +412,8 @@ class Forwarder:
             gap_from=gap[0],
             gap_to=gap[1],
         )
-        out = Outgoing("notice", epoch, prev, encode_envelope(notice), self.position, 0, gap=gap)
+        payload = encode_envelope(notice)
+        out = Outgoing("notice", epoch, prev, payload, self.position, 0, prev=prev, gap=gap)
         self._sending(out)
         return out
 
@@ -426,7 +432,8 @@ class Forwarder:
             if await self._feed_stalled(now):
                 return
             beat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
-            out = Outgoing("notice", epoch, self.last, encode_envelope(beat), self.position, 0)
+            payload = encode_envelope(beat)
+            out = Outgoing("notice", epoch, self.last, payload, self.position, 0, prev=self.last)
             self._sending(out)
             self.window.add(out)
         await self._flush()

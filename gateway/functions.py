@@ -6,10 +6,15 @@ credential needs ``FCALL`` and nothing that runs code of its own choosing (``SCR
 ``EVAL`` would let it run any Lua, and block the Redis).
 
 ``invalgw_append`` (keys: the mirror stream, its state hash; args: ``batch`` or ``notice``, the
-origin's epoch, the last origin ID in the envelope, the envelope, the mirror stream's max length)
-appends the envelope, except a batch whose last origin ID the state hash already holds in that
-epoch: it answers ``duplicate`` (a batch re-sent after a crash or a lost reply). Answers
-``{'ok'|'duplicate', last origin ID held}``.
+origin's epoch, the last origin ID in the envelope, the envelope, the mirror stream's max length,
+and optionally the origin ID the envelope follows) appends the envelope, except:
+
+- a batch whose last origin ID the state hash already holds in that epoch: ``duplicate`` (a batch
+  re-sent after a crash or a lost reply);
+- an envelope that follows an origin ID beyond the one held in that epoch: ``behind`` (an earlier
+  envelope pipelined before it failed, so it is refused too and both are sent again in order).
+
+Answers ``{'ok'|'duplicate'|'behind', last origin ID held}``.
 
 ``invalgw_clear_gap`` (key: the sender's link state; args: the gap delivered) forgets a gap the
 peer was told of, unless another one was noted meanwhile.
@@ -31,22 +36,27 @@ local function parse(id)
   return tonumber(ms), tonumber(seq)
 end
 
+local function before(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+
 local function append(keys, args)
   local epoch = redis.call('HGET', keys[2], 'epoch')
   local last = redis.call('HGET', keys[2], 'last')
+  local known = epoch == args[2] and last
+  if args[1] == 'batch' and known and not before(last, args[3]) then
+    return {'duplicate', last}
+  end
+  if known and args[6] and before(last, args[6]) then
+    return {'behind', last}
+  end
+  redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', 'd', args[4])
   if args[1] == 'batch' then
-    if epoch == args[2] and last then
-      local ams, aseq = parse(args[3])
-      local bms, bseq = parse(last)
-      if ams < bms or (ams == bms and aseq <= bseq) then
-        return {'duplicate', last}
-      end
-    end
-    redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', 'd', args[4])
     redis.call('HSET', keys[2], 'epoch', args[2], 'last', args[3])
     return {'ok', args[3]}
   end
-  redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', 'd', args[4])
   return {'ok', last or '0-0'}
 end
 

@@ -12,6 +12,7 @@ last origin ID recognises each one it already has.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ DRAIN_GRACE_S = 1.0
 """How long a drain waits for a call to a peer already under way (a healthy one answers sooner)."""
 
 COMMIT_EVERY = 8
-"""Confirmed envelopes saved together at most (sooner when no other reply is due)."""
+"""Confirmed envelopes saved together at most ..."""
+COMMIT_DELAY_S = 0.1
+"""... or once no reply has been due for this long (so a quiet link saves once, not per batch)."""
 
 
 @dataclass
@@ -51,10 +54,20 @@ class Outgoing:
     count: int
     """Local stream entries it covers (valid or not)."""
     events: int = 0
+    prev: str | None = None
+    """The origin ID the peer must hold before this envelope (None: no such check)."""
     gap: tuple[str, str] | None = None
     spans: list[Any] = field(default_factory=list)
     ack: list[bytes] = field(default_factory=list)
     """Pending entries of the sender's group to acknowledge once confirmed."""
+
+
+class PeerBehind(redis.RedisError):
+    """The peer holds less than the envelopes it confirmed: its Redis lost some."""
+
+
+class Resend(Exception):
+    """The session must start again and send the unconfirmed envelopes again (no failure)."""
 
 
 Confirm = Callable[[Outgoing, bool], None]
@@ -89,7 +102,10 @@ class PeerWindow:
         self._written = 0
         """How many of :attr:`unconfirmed` (the oldest) went out on the open connection."""
         self._connection: Any = None
-        self._changed = anyio.Event()
+        self._sent = anyio.Event()
+        """Set when an envelope was written (the reader waits for one)."""
+        self._answered = anyio.Event()
+        """Set when a reply came (the writer waits for room)."""
         self._writing = anyio.Lock()
         self._function_warned = False
         self._link_up = metrics.link_up.labels(region, peer)
@@ -128,11 +144,11 @@ class PeerWindow:
     async def room(self) -> None:
         """Wait until the window has room for one more envelope."""
         while self.full:
-            await self._wait_change()
+            await self._wait_answer()
 
-    async def _wait_change(self) -> None:
-        self._changed = anyio.Event()
-        await self._changed.wait()
+    async def _wait_answer(self) -> None:
+        self._answered = anyio.Event()
+        await self._answered.wait()
 
     # -- a session: one connection, writes and a reader of replies ------------------------------
 
@@ -167,47 +183,69 @@ class PeerWindow:
                     except (redis.ConnectionError, redis.TimeoutError, OSError):
                         self._link_up.set(0)
                         raise
-                self._changed.set()
+                self._sent.set()
 
     async def serve(self, confirm: Confirm, commit: Commit) -> None:
         """Take the peer's replies in order, until cancelled (or the connection fails)."""
         uncommitted = 0
         while True:
-            while not self._written:
-                await self._wait_change()
+            if not self._written:
+                self._sent = anyio.Event()
+                with anyio.move_on_after(COMMIT_DELAY_S if uncommitted else math.inf):
+                    await self._sent.wait()
+                if not self._written:
+                    await _shielded(commit)
+                    uncommitted = 0
+                continue
             out = self.unconfirmed[0]
             appended = True
             if out.kind:
-                appended = await self._reply()
+                appended = await self._reply(out)
             self.unconfirmed.popleft()
             self._written -= 1
             self._in_flight.set(self._written)
             confirm(out, appended)
             uncommitted += 1
-            if not self._written or uncommitted >= COMMIT_EVERY:
-                await commit()
+            if uncommitted >= COMMIT_EVERY:
+                await _shielded(commit)
                 uncommitted = 0
-            self._changed.set()
+            self._answered.set()
             await self.send()
 
-    async def _reply(self) -> bool:
+    async def _reply(self, out: Outgoing) -> bool:
+        """The peer's answer for ``out``: whether it appended it (False: it already had it)."""
         try:
             reply = await self._connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._link_up.set(0)
             raise
         except redis.ResponseError as exc:
-            if function_missing(exc):
+            if function_missing(exc):  # the peer's gateway has not started yet
                 await self._load_function(exc)
+                raise Resend from None  # the envelopes after it were refused: all again
             raise
         self._link_up.set(1)
+        return self._appended(out, reply)
+
+    def _appended(self, out: Outgoing, reply: Any) -> bool:
+        if reply[0] == b"behind":
+            # Every envelope before this one was confirmed, yet the peer holds less: its Redis
+            # lost them. Sent again without the check, its receiver records the gap.
+            log.warning(
+                "%s: the peer holds origin IDs up to %s only, not %s: it lost envelopes",
+                self.peer,
+                reply[1].decode(),
+                out.prev,
+            )
+            lost, out.prev = out.prev, None
+            raise PeerBehind(f"peer {self.peer} lost envelopes up to {lost}")
         return bool(reply[0] == b"ok")
 
     async def settle(self) -> None:
         """At a drain: wait a little for the replies to what was written."""
         with anyio.move_on_after(DRAIN_GRACE_S):
             while self._written:
-                await self._wait_change()
+                await self._wait_answer()
         if self._written:
             log.warning("%s: draining: gave up waiting; sent again after a restart", self.peer)
 
@@ -222,14 +260,15 @@ class PeerWindow:
                 reply = await self._call(out)
                 if reply is None:
                     return False
-                appended = reply[0] == b"ok"
+                appended = self._appended(out, reply)
             self.unconfirmed.popleft()
             confirm(out, appended)
             await commit()
         return True
 
     def _args(self, out: Outgoing) -> list[Any]:
-        return [*self.mirror_keys, out.kind, out.epoch, out.last, out.payload, self.mirror_max_len]
+        args = [*self.mirror_keys, out.kind, out.epoch, out.last, out.payload, self.mirror_max_len]
+        return args if out.prev is None else [*args, out.prev]
 
     async def _call(self, out: Outgoing) -> Any:
         """One append on the peer; None if a drain gave up waiting for the peer."""
@@ -272,3 +311,9 @@ class PeerWindow:
                 refused,
             )
             raise missing from None
+
+
+async def _shielded(commit: Commit) -> None:
+    """Save without being cut short by a drain's cancellation (a local call, quick)."""
+    with anyio.CancelScope(shield=True):
+        await commit()

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from invalgw.config import RegionConfig
-from invalgw.functions import APPEND, CLEAR_GAP, LIBRARY
+from invalgw.functions import APPEND, CLEAR_GAP, LIBRARY, load_library
 from invalgw.names import Names
 from invalgw.proto import entry_fields
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
@@ -80,3 +80,30 @@ async def test_a_peer_without_the_library_gets_it_from_its_own_gateway(
             async with running({"eu-west": configs["eu-west"]}):
                 await wait_gone(west, [key], region="eu-west")
         assert caplog.text.count("peer eu-west has no invalgw function yet") == 1
+
+
+async def test_append_refuses_what_it_has_and_what_does_not_follow(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """A batch the peer has is a duplicate; an envelope following an origin ID the peer does not
+    hold (an earlier one pipelined before it failed) is refused as behind, not appended."""
+    names = Names(namespace, configs["us-east"].streams.local)
+    keys = [names.mirror("us-east"), names.mirror_state("us-east")]
+    async with clients(configs) as redis_by_region:
+        west = redis_by_region["eu-west"]
+        await load_library(west)
+
+        async def append(kind: str, last: str, *prev: str) -> list[bytes]:
+            args = [kind, "e1", last, b"x", 100, *prev]
+            reply: list[bytes] = await west.fcall(APPEND, 2, *keys, *args)
+            return reply
+
+        assert await append("batch", "1-5", "0-0") == [b"ok", b"1-5"]
+        assert await append("batch", "1-5", "0-0") == [b"duplicate", b"1-5"]
+        assert await append("batch", "1-9", "1-7") == [b"behind", b"1-5"]
+        assert await append("notice", "1-7", "1-7") == [b"behind", b"1-5"]
+        assert await append("batch", "1-9", "1-5") == [b"ok", b"1-9"]
+        assert await append("batch", "1-12", "1-7") == [b"ok", b"1-12"]  # overlaps: appended
+        assert await append("notice", "1-12", "1-12") == [b"ok", b"1-12"]
+        assert await append("batch", "1-20") == [b"ok", b"1-20"]  # no check asked
+        assert await west.xlen(keys[0]) == 5
