@@ -154,7 +154,11 @@ class PeerWindow:
 
     async def open(self) -> None:
         """Take a connection of its own and write every unconfirmed envelope on it again."""
-        self._connection = await self.remote.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            self._connection = await self.remote.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._link_up.set(0)
+            raise
         self._written = 0
         await self.send()
 
