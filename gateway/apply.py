@@ -12,9 +12,11 @@ import redis
 
 from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
 from invalgw.clock import ServerClock
+from invalgw.conflate import conflate
 from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Key, Plan, plan_batch
 from invalgw.epoch import Epoch
+from invalgw.feed import Feed
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
@@ -218,8 +220,12 @@ class LocalApplier:
         clock: ServerClock,
         status: LinkStatus,
         epoch: Epoch,
+        feed: Feed | None = None,
     ) -> None:
         self.ctx = ctx
+        self.feed = feed
+        """Where each applied batch goes on to the peers' senders (read and parsed only here)."""
+        self._conflated = ctx.metrics.conflated.labels(ctx.region)
         self.reader = reader
         self.clock = clock
         self.status = status
@@ -231,6 +237,10 @@ class LocalApplier:
     async def __call__(self, entries: Sequence[Entry]) -> None:
         ctx = self.ctx
         valid, dead, lost = parse_batch(entries, ctx.limits)
+        valid, conflated = conflate(valid)  # applied and sent once per key
+        self._conflated.inc(conflated)
+        if self.feed is not None:  # the peers' senders need not wait for this region's cache
+            self.feed.publish(self.reader.after, entries, valid)
         await ctx.dead_letters.put(self.reader.stream, dead)
         if lost:
             await ctx.gaps.record(

@@ -147,10 +147,18 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """How long the first SIGTERM waits for batches in hand before exiting anyway."""
     lease_ms: int = 10_000
     """TTL of the region lease: a standby takes over this long after the holder died."""
+    feed_batches: int = 64
+    """Batches queued in memory for one peer's sender; beyond, it reads the stream itself."""
+    window_batches: int = 16
+    """Envelopes sent to one peer and not yet answered, at most (pipelined on one connection)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
             raise ValueError("batch_size: must be between 1 and 10000")
+        if not 1 <= self.feed_batches <= 10_000:
+            raise ValueError("feed_batches: must be between 1 and 10000")
+        if not 1 <= self.window_batches <= 1000:
+            raise ValueError("window_batches: must be between 1 and 1000")
         for name in (
             "block_ms",
             "heartbeat_interval_ms",

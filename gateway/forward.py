@@ -1,81 +1,88 @@
 """Forwarding: invalidations written here go, batched, into each peer region's mirror stream.
 
-One forwarder per peer, each with its own consumer group on the local stream, so a slow or dead
-peer only grows its own backlog. A batch is one envelope appended by one script call on the peer;
-the script refuses a batch whose last origin ID it already holds, so a batch re-sent after a crash
-or a lost reply is recognised as delivered. The local entries are acknowledged only after the peer
-accepted (or already had) them.
+One sender per peer. The local stream is read and parsed once, by the local apply, which hands
+every batch to each sender through the in-memory feed (:mod:`invalgw.feed`). A sender keeps its
+own durable cursor (:mod:`invalgw.cursor`), moved once the peer accepted (or already had) the
+entries. A sender that falls behind (its feed queue overflowed, the peer was down, the gateway
+just started) reads the stream itself from its cursor with XRANGE, then joins the feed again; so a
+slow or dead peer only grows its own backlog, and trimming, which follows the slowest cursor,
+never passes what a restarted sender would still send.
 
-For the same reason a drain need not wait for a peer that does not answer: a call still running
-:data:`DRAIN_GRACE_S` after the drain started is abandoned, its entries stay pending, and the next
-gateway sends them again.
+A batch is one envelope appended on the peer by one ``FCALL invalgw_append`` (the library of
+:mod:`invalgw.functions`, which the peer's gateway loads at start); it refuses a batch whose last
+origin ID the peer already holds, so a batch re-sent after a crash or a lost reply is recognised
+as delivered. Envelopes wait in a window (:mod:`invalgw.window`) until the peer confirms them;
+after a failure the same envelopes go again, in order.
+
+A drain need not wait for a peer that does not answer: a call still running
+:data:`~invalgw.window.DRAIN_GRACE_S` after the drain started is abandoned; the cursor stays
+before its entries, and the next gateway sends them again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.abc
 import msgspec
-import redis
 
 from invalgw.apply import parse_batch
 from invalgw.clock import ServerClock
-from invalgw.connections import AsyncRedis
+from invalgw.conflate import conflate
+from invalgw.connections import REDIS_ERRORS, AsyncRedis
+from invalgw.cursor import SenderCursor
 from invalgw.epoch import Epoch
+from invalgw.feed import FedBatch, Feed, Subscription
 from invalgw.metrics import Metrics
 from invalgw.names import Names
-from invalgw.proto import Batch, Heartbeat, Limits, StreamId, encode_envelope
-from invalgw.proto.envelope import Envelope
+from invalgw.proto import Batch, Heartbeat, Invalidation, Limits, StreamId, encode_envelope
+from invalgw.proto.streamid import ZERO
 from invalgw.read import Entry, GroupReader
-from invalgw.stages import Drain
+from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
 from invalgw.tracing import InvalidationTracer
+from invalgw.window import DRAIN_GRACE_S, Outgoing, PeerWindow, Resend
 
 log = logging.getLogger(__name__)
 
-DRAIN_GRACE_S = 1.0
-"""How long a drain waits for a call to a peer already under way (a healthy one answers sooner)."""
+__all__ = ["DRAIN_GRACE_S", "FEED_BOUND", "Forwarder"]
 
-APPEND_SCRIPT = """
--- KEYS[1] mirror stream, KEYS[2] its state hash
--- ARGV[1] 'batch' (deduplicated on its last origin ID) or 'notice' (always appended)
--- ARGV[2] origin epoch, ARGV[3] last origin ID in the envelope, ARGV[4] envelope,
--- ARGV[5] max length of the mirror stream
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local last = redis.call('HGET', KEYS[2], 'last')
-if ARGV[1] == 'batch' then
-  if epoch == ARGV[2] and last then
-    local ams, aseq = parse(ARGV[3])
-    local bms, bseq = parse(last)
-    if ams < bms or (ams == bms and aseq <= bseq) then
-      return {'duplicate', last}
-    end
-  end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
-  redis.call('HSET', KEYS[2], 'epoch', ARGV[2], 'last', ARGV[3])
-  return {'ok', ARGV[3]}
-end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
-return {'ok', last or '0-0'}
-"""
+FEED_BOUND = 64
+"""Batches a sender's feed queue holds before the sender drops out and reads the stream itself."""
 
-CLEAR_GAP_SCRIPT = """
--- KEYS[1] link state hash; ARGV[1], ARGV[2] the gap that was delivered
-if redis.call('HGET', KEYS[1], 'gap_after') == ARGV[1]
-    and redis.call('HGET', KEYS[1], 'gap_upto') == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], 'gap_after', 'gap_upto')
-end
-return 0
-"""
+
+class BatchOut(msgspec.Struct, frozen=True, tag="batch"):
+    """A :class:`~invalgw.proto.Batch` as sent: the same fields and encoding, with the events
+    already encoded (once, for every peer)."""
+
+    origin: str
+    epoch: str
+    prev: str
+    events: msgspec.Raw
+    sent_ms: int
+    gap_from: str | None = None
+    gap_to: str | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass
+class _Saving:
+    """What confirmations changed since the last save."""
+
+    cursor: StreamId = ZERO
+    count: int = 0
+    gap: tuple[str, str] | None = None
+    ack: list[bytes] = field(default_factory=list)
 
 
 class Forwarder:
-    """Handler of the ``to:<peer>`` group: delivers batches to one peer's mirror stream."""
+    """The sender to one peer: delivers the local stream's batches to the peer's mirror stream."""
 
     def __init__(
         self,
@@ -94,32 +101,70 @@ class Forwarder:
         heartbeat_interval_ms: int,
         drain: Drain,
         tracer: InvalidationTracer,
+        feed: Feed | None = None,
+        feed_bound: int = FEED_BOUND,
+        window: int = 16,
+        claim_interval_ms: int = 15_000,
+        claim_idle_ms: int = 60_000,
+        backoff_cap_ms: int = 5000,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self.region = region
+        self.name = f"to:{peer}"
         self.drain = drain
         self.tracer = tracer
         self.peer = peer
         self.reader = reader
         self.local = local
-        self.remote = remote
         self.epoch = epoch
         self.clock = clock
         self.limits = limits
-        self.mirror_max_len = mirror_max_len
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.claim_interval_ms = claim_interval_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.backoff_cap_ms = backoff_cap_ms
+        self._on_error = on_error or (lambda exc: None)
+        self.subscription = (feed or Feed()).subscribe(feed_bound)
         self._link_key = names.link(peer)
-        self._mirror_keys = [names.mirror(region), names.mirror_state(region)]
-        self._append = remote.register_script(APPEND_SCRIPT)
-        self._clear_gap = local.register_script(CLEAR_GAP_SCRIPT)
+        self._mirror = names.mirror(region)
+        self.window = PeerWindow(
+            region=region,
+            peer=peer,
+            remote=remote,
+            mirror_keys=[names.mirror(region), names.mirror_state(region)],
+            mirror_max_len=mirror_max_len,
+            drain=drain,
+            metrics=metrics,
+            size=window,
+        )
+        self.cursor = SenderCursor(
+            name=self.name,
+            reader=reader,
+            local=local,
+            link_key=self._link_key,
+            reclaimed=metrics.reclaimed.labels(region, self.name),
+            on_lost=self.entries_lost,
+        )
         self.last = "0-0"
-        """Origin ID of the last invalidation delivered to the peer, in epoch ``_last_epoch``."""
+        """Origin ID of the last invalidation sent to the peer, in epoch ``_last_epoch``."""
+        self._confirmed_last = "0-0"
+        """... and of the last one the peer confirmed (saved in the link state)."""
         self._last_epoch = ""
+        self.position = ZERO
+        """The last local stream entry handed to the window (the cursor follows once confirmed)."""
         self.last_sent_ms = 0.0
         self.pending_gap: tuple[str, str] | None = None
+        self._gap_sent: tuple[str, str] | None = None
+        """The pending gap, while an envelope carrying it waits for the peer's reply."""
         self._forwarded = metrics.forwarded.labels(region, peer)
         self._duplicates = metrics.duplicates.labels(region, peer)
         self._batch = metrics.batch_size.labels(region, "forward")
-        self._link_up = metrics.link_up.labels(region, peer)
+        self._catch_ups = metrics.catch_ups.labels(region, peer)
+        self._saving = _Saving()
+        self._unsaved = False
+        self._progressed = False
+
+    # -- start-up -------------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Resume from what the link state in the local Redis says was delivered."""
@@ -129,75 +174,301 @@ class Forwarder:
             self.last = state.get(b"last", b"0-0").decode()
         else:
             self.last = "0-0"
+        self._confirmed_last = self.last
         if b"gap_after" in state:
             self.pending_gap = (state[b"gap_after"].decode(), state[b"gap_upto"].decode())
 
+    async def start(self) -> None:
+        """Load the link state and the durable cursor (taking over dead consumers' entries)."""
+        await self.load()
+        await self.cursor.load()
+        self.position = self.cursor.position
+        self.window.clear()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send until drained; reports ready once the cursor is known."""
+        started = await until_ok(
+            self.start,
+            self.drain,
+            name=self.name,
+            on_error=self._on_error,
+            backoff_cap_ms=self.backoff_cap_ms,
+        )
+        task_status.started()
+        if not started:
+            return
+        failures = 0
+        while not self.drain.requested:
+            try:
+                await self._session()
+            except* Resend:
+                self.subscription.leave()
+            except* REDIS_ERRORS as errors:
+                exc = errors.exceptions[0]
+                assert isinstance(exc, Exception)
+                failures = 1 if self._progressed else failures + 1
+                self._on_error(exc)
+                self._spans_failed(exc)
+                log_failure(self.name, exc, failures)
+                self.subscription.leave()  # catch up from the stream once the peer answers
+                await self.drain.sleep(backoff_seconds(failures, cap_ms=self.backoff_cap_ms))
+        self.subscription.leave()
+        log.info("%s: drained", self.name)
+
+    def _spans_failed(self, exc: Exception) -> None:
+        """End the ``send`` spans of the envelopes the peer did not answer as failed (ERROR,
+        ``error.type``); sent again later, each attempt has spans of its own."""
+        for out in self.window.unconfirmed:
+            if out.spans:
+                self.tracer.end_forward(out.spans, duplicate=False, error=exc)
+                out.spans = self.tracer.send_again(out.spans)
+
+    async def _session(self) -> None:
+        """One connection to the peer: envelopes written as they come, replies read by a task of
+        their own. Ends at a drain, or with the first error."""
+        self._progressed = False
+        self.window.keep_epoch(self._follow_epoch())  # envelopes of a lost stream are not sent
+        try:
+            await self.window.open()
+            async with anyio.create_task_group() as replies:
+                replies.start_soon(self.window.serve, self._confirmed, self._commit)
+                next_claim = time.monotonic() + self.claim_interval_ms / 1000
+                while not self.drain.requested:
+                    if time.monotonic() >= next_claim:
+                        await self.cursor.claim(self.claim_idle_ms)
+                        next_claim = time.monotonic() + self.claim_interval_ms / 1000
+                    await self._step()
+                await self.window.settle()
+                replies.cancel_scope.cancel()
+            if self._unsaved:  # confirmed since the last save
+                await self._commit()
+        finally:
+            await self.window.close()
+
+    async def _step(self) -> None:
+        self._follow_epoch()
+        subscription: Subscription = self.subscription
+        if subscription.dropped:
+            subscription.join()  # first, so that nothing written meanwhile is missed
+            self._catch_ups.inc()
+            await self._catch_up(None)
+            return
+        fed = subscription.get_nowait()
+        wait_ms = self.last_sent_ms + self.heartbeat_interval_ms - self.clock.now_ms()
+        if fed is None and self._gap_to_send() is None and wait_ms > 0:
+            with self.drain.interruptible() as scope:
+                scope.deadline = min(scope.deadline, anyio.current_time() + wait_ms / 1000)
+                fed = await subscription.get()
+        if fed is not None:
+            await self._take(fed)
+        elif not subscription.dropped and not self.drain.requested:
+            await self.idle()
+
+    async def _take(self, fed: FedBatch) -> None:
+        """Send a batch from the feed: what lies between the cursor and it is read first."""
+        if fed.last <= self.position:
+            return
+        if fed.after is None or fed.after > self.position:
+            await self._catch_up(fed.last if fed.after is None else fed.after)
+            if fed.after is None or fed.last <= self.position or self.drain.requested:
+                return
+        if fed.after < self.position:  # partly sent already
+            entries = [e for e in fed.entries if StreamId.parse(e[0]) > self.position]
+            events = [e for e in fed.events if StreamId.parse(e.id) > self.position]
+            await self.deliver(events, fed.last, len(entries))
+        else:
+            await self.deliver(fed.events, fed.last, len(fed.entries), encoded=fed)
+
+    async def _catch_up(self, until: StreamId | None) -> None:
+        """Send the entries after the cursor (up to ``until``, or to the end) in batches."""
+        end = "+" if until is None else str(until)
+        count = self.reader.count
+        while not self.drain.requested:
+            reply: Any = await self.local.xrange(
+                self.reader.stream, f"({self.position}", end, count=count
+            )
+            entries: list[Entry] = reply
+            if not entries:
+                return
+            valid, _dead, _lost = parse_batch(entries, self.limits)  # dead: the apply's business
+            valid, _conflated = conflate(valid)  # counted by the local apply
+            await self.deliver(valid, StreamId.parse(entries[-1][0]), len(entries))
+            if len(entries) < count:
+                return
+
+    # -- one batch ------------------------------------------------------------------------------
+
     async def __call__(self, entries: Sequence[Entry]) -> None:
+        """Deliver ``entries`` (read from this sender's group) and acknowledge them."""
+        if not entries:
+            await self.deliver([], self.position, 0)
+            return
         valid, _dead, lost = parse_batch(entries, self.limits)
         if lost:
             self.note_gap(str(StreamId.parse(lost[0]).previous()), lost[-1].decode())
+        last = StreamId.parse(entries[-1][0])
+        await self.deliver(valid, last, len(entries), ack=[entry_id for entry_id, _ in entries])
+
+    async def deliver(
+        self,
+        valid: Sequence[Invalidation],
+        cursor: StreamId,
+        count: int,
+        *,
+        ack: Sequence[bytes] = (),
+        encoded: FedBatch | None = None,
+    ) -> None:
+        """Send ``valid`` (with a pending gap notice); the cursor moves to ``cursor``, ``count``
+        entries of the stream further, once the peer confirmed. ``encoded``: the fed batch
+        ``valid`` comes from, whose events are encoded once for every peer."""
         epoch = self._follow_epoch()
-        gap = self.pending_gap
+        with self.drain.interruptible():
+            await self.window.room()
+        if self.window.full:  # a drain stopped the wait: the cursor stays before these entries
+            return
+        gap = self._gap_to_send()
+        out = Outgoing("", epoch, self.last, b"", cursor, count, prev=self.last, ack=list(ack))
         if valid or gap:
-            events, spans = self.tracer.start_forward(self.peer, self._mirror_keys[0], valid)
-            batch = Batch(
+            raw: msgspec.Raw | None = None
+            events: Sequence[Invalidation] = valid
+            if encoded is None or encoded.traced:
+                events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
+            if encoded is not None and not out.spans:
+                raw = encoded.encoded_events
+            batch = (BatchOut if raw is not None else Batch)(
                 origin=self.region,
                 epoch=epoch,
                 prev=self.last,
-                events=events,
+                events=raw if raw is not None else events,  # type: ignore[arg-type]
                 sent_ms=int(self.clock.now_ms()),
                 gap_from=gap[0] if gap else None,
                 gap_to=gap[1] if gap else None,
             )
-            kind = "batch" if valid else "notice"
-            last = valid[-1].id if valid else self.last
-            try:
-                delivered = await self._send(kind, batch, last)
-            except BaseException as exc:
-                self.tracer.end_forward(spans, duplicate=False, error=exc)
-                raise
-            self.tracer.end_forward(spans, duplicate=delivered is False)
-            if delivered is None:  # a drain gave up on the peer: the entries stay pending
-                return
-            if delivered:
-                self._forwarded.inc(len(valid))
-            elif valid:
-                self._duplicates.inc()
-                log.info("%s: batch up to %s was already delivered", self.peer, last)
-                if gap:  # the peer did not append the batch, so not its gap either
-                    await self._send("notice", msgspec.structs.replace(batch, events=[]), last)
-            if valid and StreamId.parse(last) > StreamId.parse(self.last):
-                self.last = last
-        async with self.local.pipeline(transaction=False) as pipe:
-            pipe.hset(self._link_key, mapping={"epoch": epoch, "last": self.last})
-            if gap:
-                # Only the gap just delivered: one noted meanwhile (by trimming) must stay.
-                await self._clear_gap(keys=[self._link_key], args=list(gap), client=pipe)
-            if entries:
-                pipe.xack(self.reader.stream, self.reader.group, *[e for e, _ in entries])
-            await pipe.execute()
-        if gap == self.pending_gap:
-            self.pending_gap = None
+            out.kind = "batch" if valid else "notice"
+            out.payload, out.gap = _encoder.encode(batch), gap
+            if valid:
+                out.last = self.last = valid[-1].id
+                out.events = len(valid)
+            self._sending(out)
+        self.window.add(out)
+        self.position = max(self.position, cursor)
         self._batch.observe(len(valid))
+        await self._flush()
+
+    def _gap_to_send(self) -> tuple[str, str] | None:
+        return self.pending_gap if self._gap_sent is None else None
+
+    def _sending(self, out: Outgoing) -> None:
+        self.last_sent_ms = self.clock.now_ms()
+        if out.gap is not None:
+            self._gap_sent = out.gap
+
+    async def _flush(self) -> None:
+        """Write what the window holds (without a session: send it and wait for the replies)."""
+        if self.window.is_open:
+            await self.window.send()
+        else:
+            await self.window.flush(self._confirmed, self._commit)
+
+    def _confirmed(self, out: Outgoing, appended: bool) -> None:
+        """The peer answered for ``out``: count it, and note how far the peer got."""
+        self._progressed = self._unsaved = True
+        if out.epoch != self._last_epoch:  # sent before the stream was lost: nothing to save
+            return
+        if out.kind:
+            self.tracer.end_forward(out.spans, duplicate=not appended)
+        if out.kind == "batch":
+            if appended:
+                self._forwarded.inc(out.events)
+            else:
+                self._duplicates.inc()
+                log.info("%s: batch up to %s was already delivered", self.peer, out.last)
+            if StreamId.parse(out.last) > StreamId.parse(self._confirmed_last):
+                self._confirmed_last = out.last
+        delivered_gap = out.gap if appended else None
+        if out.gap is not None:
+            self._gap_sent = None
+            if not appended:  # the peer did not append the batch, so not its gap either
+                self.window.add(self._gap_notice(out.gap, out.last, out.epoch))
+        if delivered_gap is not None:
+            self._saving.gap = delivered_gap
+        saving = self._saving
+        saving.cursor, saving.count = max(saving.cursor, out.cursor), saving.count + out.count
+        saving.ack += out.ack
+
+    async def _commit(self) -> None:
+        """Save the link state and move the cursor as far as the peer confirmed, in one round
+        trip to the local Redis."""
+        saving, self._saving, self._unsaved = self._saving, _Saving(), False
+        state = {"epoch": self._last_epoch, "last": self._confirmed_last}
+        await self.cursor.save(
+            state=state, gap=saving.gap, cursor=saving.cursor, count=saving.count, ack=saving.ack
+        )
+        if saving.gap is not None and saving.gap == self.pending_gap:
+            self.pending_gap = None
+
+    def _gap_notice(self, gap: tuple[str, str], prev: str, epoch: str) -> Outgoing:
+        notice = Batch(
+            origin=self.region,
+            epoch=epoch,
+            prev=prev,
+            events=[],
+            sent_ms=int(self.clock.now_ms()),
+            gap_from=gap[0],
+            gap_to=gap[1],
+        )
+        payload = encode_envelope(notice)
+        out = Outgoing("notice", epoch, prev, payload, self.position, 0, prev=prev, gap=gap)
+        self._sending(out)
+        return out
 
     async def idle(self) -> None:
         """No new entries: tell the peer of a gap now (it may otherwise wait for traffic), or
-        send a heartbeat if the link has been quiet for an interval."""
-        if self.pending_gap is not None:
-            await self(())
-            return
-        now = self.clock.now_ms()
-        if now - self.last_sent_ms < self.heartbeat_interval_ms:
-            return
+        send a heartbeat if the link has been quiet for an interval (it also re-saves the
+        cursor, which finds a lost group)."""
         epoch = self._follow_epoch()
-        heartbeat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
-        await self._send("notice", heartbeat, self.last)
+        gap = self._gap_to_send()
+        if gap is not None:
+            self.window.add(self._gap_notice(gap, self.last, epoch))
+        else:
+            now = self.clock.now_ms()
+            if now - self.last_sent_ms < self.heartbeat_interval_ms:
+                return
+            if await self._feed_stalled(now):
+                return
+            beat = Heartbeat(origin=self.region, epoch=epoch, last=self.last, sent_ms=int(now))
+            payload = encode_envelope(beat)
+            out = Outgoing("notice", epoch, self.last, payload, self.position, 0, prev=self.last)
+            self._sending(out)
+            self.window.add(out)
+        await self._flush()
+
+    async def _feed_stalled(self, now_ms: float) -> bool:
+        """Whether the stream holds an entry after the cursor that the feed has not brought for
+        a heartbeat interval (the local apply is stuck, e.g. its cache is down): then this
+        sender leaves the feed and reads the stream itself, so the peers keep their pace."""
+        reply: Any = await self.local.xrange(self.reader.stream, f"({self.position}", "+", count=1)
+        if reply and now_ms - StreamId.parse(reply[0][0]).ms > self.heartbeat_interval_ms:
+            log.info("%s: the local apply is behind; reading the stream itself", self.name)
+            self.subscription.leave()
+            return True
+        return False
 
     def _follow_epoch(self) -> str:
         """The current epoch; when it changed (the stream was lost), nothing is delivered in it."""
         epoch = self.epoch.value
         if epoch != self._last_epoch:
-            self._last_epoch, self.last = epoch, "0-0"
+            self._last_epoch, self.last, self._confirmed_last = epoch, "0-0", "0-0"
+            self.position = self.cursor.position = ZERO
+            self.cursor.entries_read = 0
+            self._saving = _Saving()
+            if not self.window.is_open:  # else their replies come, and are ignored
+                self.window.clear()
+            self._gap_sent = None
         return epoch
 
     def note_gap(self, after: str, upto: str) -> None:
@@ -222,21 +493,3 @@ class Forwarder:
     async def entries_lost(self, ids: list[bytes]) -> None:
         """Pending entries whose data was deleted before they were sent (found by XAUTOCLAIM)."""
         await self.add_gap(str(StreamId.parse(ids[0]).previous()), ids[-1].decode())
-
-    async def _send(self, kind: str, envelope: Envelope, last: str) -> bool | None:
-        """Append ``envelope`` on the peer; False if the peer already had this batch, None if a
-        drain gave up waiting for the peer."""
-        args: list[bytes | str | int] = [kind, envelope.epoch, last]
-        args += [encode_envelope(envelope), self.mirror_max_len]
-        with self.drain.interruptible(DRAIN_GRACE_S) as call:
-            try:
-                reply = await self._append(keys=self._mirror_keys, args=args)
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                self._link_up.set(0)
-                raise
-        if call.cancelled_caught:
-            log.warning("%s: draining: gave up waiting; the batch stays pending", self.peer)
-            return None
-        self._link_up.set(1)
-        self.last_sent_ms = self.clock.now_ms()
-        return bool(reply[0] == b"ok")

@@ -292,6 +292,27 @@ class Metrics:
             ["region", "peer"],
             registry=r,
         )
+        self.conflated = Counter(
+            "invalgw_conflated",
+            "Key invalidations merged into another of the same key in the same batch: applied "
+            "and sent once, with the strongest effect.",
+            ["region"],
+            registry=r,
+        )
+        self.conflated.labels(region)
+        self.catch_ups = Counter(
+            "invalgw_sender_catch_ups",
+            "Times a sender read the local stream itself from its cursor (at start, after falling "
+            "behind the in-memory feed, or after its peer failed) before joining the feed again.",
+            ["region", "peer"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "invalgw_batches_in_flight",
+            "Envelopes sent to a peer's Redis whose reply has not come back yet.",
+            ["region", "peer"],
+            registry=r,
+        )
 
     def start_at_zero(self, origins: Iterable[str], reasons: Iterable[str]) -> None:
         """Export the labelled counters alerts watch at 0 from start-up, for the label values

@@ -1,7 +1,9 @@
-"""The pipeline stages of one region, each with its own consumer group (own cursor, own backlog):
+"""The pipeline stages of one region:
 
-- ``apply``: the local stream → this region's cache, at once;
-- ``to:<peer>``: the local stream → the peer's mirror stream, one per peer;
+- ``apply``: reads the local stream (its consumer group, the only one read), applies each batch
+  to this region's cache at once and hands it to every sender through the in-memory feed;
+- ``to:<peer>``: the sender to one peer's mirror stream, fed from memory; its consumer group on
+  the local stream is only its durable cursor (and where it catches up from when behind);
 - ``from:<peer>``: the mirror stream from a peer → this region's cache, one per peer.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from invalgw.apply import ApplyContext, LocalApplier
 from invalgw.epoch import EpochWatch
+from invalgw.feed import Feed
 from invalgw.forward import Forwarder
 from invalgw.lag import StatusSource
 from invalgw.mirror import MirrorApplier
@@ -20,12 +23,12 @@ from invalgw.poison import PoisonGuard
 from invalgw.proto import StreamId
 from invalgw.read import GroupReader
 from invalgw.region import Region
-from invalgw.stages import Handler, Stage
+from invalgw.stages import Handler, Runnable, Stage
 
 
 @dataclass
 class Pipeline:
-    stages: list[Stage] = field(default_factory=list)
+    stages: list[Runnable] = field(default_factory=list)
     forwarders: dict[str, Forwarder] = field(default_factory=dict)
     status_sources: list[StatusSource] = field(default_factory=list)
 
@@ -33,6 +36,7 @@ class Pipeline:
 def build_pipeline(region: Region) -> Pipeline:
     pipeline = Pipeline()
     config, names = region.config, region.names
+    feed = Feed()
 
     ctx = ApplyContext(
         region=region.name,
@@ -53,6 +57,7 @@ def build_pipeline(region: Region) -> Pipeline:
         clock=region.local_clock,
         status=region.statuses[region.name],
         epoch=region.epoch,
+        feed=feed,
     )
 
     async def local_entries_lost(ids: list[bytes]) -> None:
@@ -85,19 +90,16 @@ def build_pipeline(region: Region) -> Pipeline:
             heartbeat_interval_ms=config.gateway.heartbeat_interval_ms,
             drain=region.drain,
             tracer=region.tracer,
+            feed=feed,
+            feed_bound=config.gateway.feed_batches,
+            window=config.gateway.window_batches,
+            claim_interval_ms=config.gateway.claim_interval_ms,
+            claim_idle_ms=config.gateway.claim_idle_ms,
+            backoff_cap_ms=config.gateway.retry_backoff_cap_ms,
+            on_error=region.counts_errors(name),
         )
         pipeline.forwarders[peer.name] = forwarder
-        pipeline.stages.append(
-            _stage(
-                region,
-                name,
-                forwarder.reader,
-                forwarder,
-                idle=forwarder.idle,
-                prepare=forwarder.load,
-                on_lost=forwarder.entries_lost,
-            )
-        )
+        pipeline.stages.append(forwarder)
 
         name = f"from:{peer.name}"
         mirror = MirrorApplier(
@@ -145,8 +147,6 @@ def _stage(
     reader: GroupReader,
     handler: Handler,
     *,
-    idle: Callable[[], Awaitable[None]] | None = None,
-    prepare: Callable[[], Awaitable[None]] | None = None,
     on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
 ) -> Stage:
     tuning = region.config.gateway
@@ -157,8 +157,6 @@ def _stage(
         drain=region.drain,
         on_error=region.counts_errors(name),
         on_claimed=region.metrics.reclaimed.labels(region.name, name).inc,
-        idle=idle,
-        prepare=prepare,
         on_lost=on_lost,
         claim_interval_ms=tuning.claim_interval_ms,
         claim_idle_ms=tuning.claim_idle_ms,

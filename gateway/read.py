@@ -49,6 +49,12 @@ class GroupReader:
         self._cursor = b"0"
         self._held: set[bytes] = set()
         """Entries left pending on purpose (a pattern walk in progress): not handed out again."""
+        self._last_new: bytes | None = None
+        self.after: bytes | None = None
+        """The entry the last batch read directly follows in the stream, when it was a read of new
+        entries following the previous one; None otherwise (pending entries, or the first read)."""
+        self.last_claimed: list[bytes] = []
+        """IDs of the entries the last :meth:`claim` took over."""
 
     async def ensure_group(self) -> bool:
         """Create the group (and the stream) if missing; True if it had to be created.
@@ -87,18 +93,22 @@ class GroupReader:
                 return []
             if "NOGROUP" not in str(exc):
                 raise
-            await self._recreate()
+            await self.recreate()
             return []
         if self._on_read is not None:
             self._on_read()
         entries: list[Entry] = reply[0][1] if reply else []
+        self.after = None
+        if not pending and entries:
+            self.after, self._last_new = self._last_new, entries[-1][0]
         if pending:
             self._cursor = entries[-1][0] if entries else b">"
             if self._held:
                 entries = [entry for entry in entries if entry[0] not in self._held]
         return entries
 
-    async def _recreate(self) -> None:
+    async def recreate(self) -> None:
+        """Create the group again (it was lost), from the stream's start; counted."""
         log.warning(
             "consumer group %r of stream %r is gone (Redis restarted without persistence, or the "
             "stream was deleted); creating it again",
@@ -107,6 +117,7 @@ class GroupReader:
         )
         await self.ensure_group()
         self.rewind()
+        self._last_new = None
         self._held.clear()  # the pending list went with the group
         if self._on_recreated is not None:
             await self._on_recreated()
@@ -122,6 +133,7 @@ class GroupReader:
         start: bytes | str = "0-0"
         claimed = 0
         deleted: list[bytes] = []
+        self.last_claimed = []
         while True:
             try:
                 reply: Any = await self.client.xautoclaim(
@@ -130,10 +142,12 @@ class GroupReader:
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                await self._recreate()
+                await self.recreate()
                 return claimed, deleted
             start, entries, *rest = reply
-            claimed += sum(1 for entry_id, _ in entries if entry_id not in self._held)
+            new = [entry_id for entry_id, _ in entries if entry_id not in self._held]
+            claimed += len(new)
+            self.last_claimed += new
             if rest:
                 deleted += rest[0]
             if start == b"0-0":
@@ -146,3 +160,7 @@ class GroupReader:
         if ids:
             await self.client.xack(self.stream, self.group, *ids)
             self._held.difference_update(ids)
+
+    def release(self, ids: Sequence[bytes]) -> None:
+        """Forget that ``ids`` were held (the caller acknowledged them itself)."""
+        self._held.difference_update(ids)

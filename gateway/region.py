@@ -23,6 +23,7 @@ from invalgw.connections import AsyncRedis, Connector, close, connect_cache, cou
 from invalgw.deadletter import REASONS as DEAD_LETTER_REASONS
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
+from invalgw.functions import load_library
 from invalgw.gaps import Gaps
 from invalgw.lag import LinkStatus, status_decoder
 from invalgw.metrics import Metrics
@@ -73,6 +74,7 @@ class Region:
 
     async def prepare(self) -> None:
         """What every stage needs from the region's Redis before it starts."""
+        await load_library(self.local)  # what the peers' senders call here
         await self.epoch.load()
         await sample_clock(self.local_clock, self.local)
         saved = await self.local.hgetall(self.names.status)

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import anyio
 
@@ -24,6 +25,14 @@ from invalgw.read import Entry, GroupReader
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Sequence[Entry]], Awaitable[None]]
+
+
+class Runnable(Protocol):
+    """What the gateway runs in its task group: a stage, or a sender to a peer."""
+
+    name: str
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
 
 
 class Drain:

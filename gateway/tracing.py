@@ -196,6 +196,25 @@ class InvalidationTracer:
             out.append(msgspec.structs.replace(event, traceparent=carrier.get("traceparent")))
         return out, spans
 
+    def send_again(self, spans: Sequence[Span]) -> list[Span]:
+        """Fresh ``send`` spans, siblings of ``spans`` (ended as failed), for an envelope sent
+        again unchanged: the events in it keep naming the first attempt as their parent."""
+        fresh: list[Span] = []
+        for span in spans:
+            parent = getattr(span, "parent", None)
+            context = None
+            if parent is not None:
+                context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+            fresh.append(
+                self.tracer.start_span(
+                    getattr(span, "name", "send"),
+                    context=context,
+                    kind=SpanKind.PRODUCER,
+                    attributes=dict(getattr(span, "attributes", None) or {}),
+                )
+            )
+        return fresh
+
     def _server(self, peer: str) -> dict[str, str | int]:
         address = self.peers.get(peer)
         return {} if address is None else {"server.address": address[0], "server.port": address[1]}

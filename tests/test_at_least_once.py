@@ -84,7 +84,12 @@ def test_sigkill_mid_burst_loses_nothing(
     wait_for(lambda: applied_at_least(BURST // 2), what="half of the burst to be read")
     processes.all[-1].kill()
 
-    # The dead host-a also leaves entries it read and never handled, in every group.
+    # The dead host-a also leaves entries it read and never handled, in every group (written
+    # now: a sender reading the stream itself may have sent the whole burst already).
+    late = [f"{namespace}:late:{i}" for i in range(100)]
+    cache_keys(redis_by_region.values(), late)
+    write_burst(east, stream, late)
+    keys += late
     for group in groups(east, stream):
         east.xreadgroup(group, "host-a", {stream: ">"}, count=50)
     assert all(info["pending"] > 0 for info in groups(east, stream).values())

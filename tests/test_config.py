@@ -520,8 +520,9 @@ def test_check_prints_each_problem_and_exits_2(
     assert sorted(err.splitlines()) == [
         f"invalgw: {path}: gateway.batch_size: expected an integer, got a string",
         f"invalgw: {path}: gateway.block: unknown field (known fields: batch_size, block_ms, "
-        "claim_idle_ms, claim_interval_ms, consumer, drain_timeout_ms, heartbeat_interval_ms, "
-        "lease_ms, retry_backoff_cap_ms, trim_interval_ms)",
+        "claim_idle_ms, claim_interval_ms, consumer, drain_timeout_ms, feed_batches, "
+        "heartbeat_interval_ms, "
+        "lease_ms, retry_backoff_cap_ms, trim_interval_ms, window_batches)",
     ]
 
 

@@ -62,6 +62,7 @@ async def test_a_failed_send_ends_its_span_with_error_status(
             # one heartbeat at start, then none: the next call to the peer is the batch's
             gateway={"heartbeat_interval_ms": 600_000},
         )
+        proxy.set_delay(300)  # time to break the link while the batch is on the wire
         redis_by_region = await stack.enter_async_context(clients(configs))
         gateways = await stack.enter_async_context(
             running(configs, "us-east", tracer_provider=provider)
@@ -71,12 +72,16 @@ async def test_a_failed_send_ends_its_span_with_error_status(
             holds(lambda: metric(gateways["us-east"], "invalgw_link_up", **up) == 1),
             what="the first heartbeat to eu-west",
         )
-        proxy.refuse()
-        proxy.reset_connections()
         invalidator = Invalidator(
             redis_by_region["us-east"], stream=configs["us-east"].streams.local
         )
         await invalidator.invalidate(f"{namespace}:k", traceparent=traced(provider))
+        await wait_until(
+            holds(lambda: metric(gateways["us-east"], "invalgw_batches_in_flight", **up) == 1),
+            what="the batch on its way to eu-west",
+        )
+        proxy.refuse()
+        proxy.reset_connections()
 
         def failed_send() -> bool:
             return any(

@@ -12,7 +12,6 @@ the forwarder uses it, the tests that need a working delivery under the peer use
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import invalgw.forward
 from invalgw.cli import main
 from invalgw.config import RegionConfig
 from invalgw.names import Names
@@ -33,19 +31,6 @@ from invalgw.proto import entry_fields
 from tests.conftest import REGIONS, make_configs, write_config
 from tests.processes import Processes, wait_for
 from tests.servers import RedisServer
-
-
-def fcall_delivery() -> bool:
-    """Whether the forwarder delivers with FCALL (Redis Function ``invalgw_append``), which the
-    peer users below are made for; with SCRIPT LOAD/EVALSHA they cannot deliver."""
-    return "FCALL" in inspect.getsource(invalgw.forward).upper()
-
-
-needs_fcall_delivery = pytest.mark.skipif(
-    not fcall_delivery(),
-    reason="delivery by FCALL invalgw_append (the peer users' only right) is not in the "
-    "forwarder yet",
-)
 
 
 def with_user(url: str, user: str, password: str) -> str:
@@ -286,19 +271,13 @@ def test_a_gateway_runs_its_region_under_its_own_user(
         wait_for(lambda: int(client.exists(*keys, *group)) == 0, what="keys gone")
         wait_for(lambda: int(client.xlen(topology.names.dead_letters)) == 1, what="dead letter")
         assert gateway.running
-        # peers refuse this gateway's deliveries until they go by FCALL: only those may fail
-        refusals = [
-            line
-            for line in gateway.log().splitlines()
-            if "permission" in line and ": to:" not in line
-        ]
-        assert refusals == []
+        refusals = [line for line in gateway.log().splitlines() if "permission" in line]
+        assert refusals == []  # its own user and the peer users suffice for everything it does
     finally:
         client.close()
 
 
 @pytest.mark.e2e
-@needs_fcall_delivery
 def test_three_regions_run_with_the_least_privilege_users(
     topology: Topology, processes_here: Processes, namespace: str
 ) -> None:

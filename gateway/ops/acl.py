@@ -50,6 +50,8 @@ GATEWAY_COMMANDS = _commands(
     "function|load function|list fcall eval evalsha script|load script|exists "
     # streams: the local stream, mirrors, dead letters, gaps
     "xadd xreadgroup xack xautoclaim xclaim xpending xgroup|create xgroup|createconsumer "
+    "xgroup|setid "  # a sender's cursor: its group moved past what the peer accepted
+    "xgroup|setid "
     "xinfo|groups xinfo|stream xlen xrange xtrim "
     # state (epoch, links, lease, status) and the cache (unlink, soft expiry, fences, walks)
     "get set del unlink exists pexpire hget hset hgetall hdel scan"
