@@ -80,6 +80,8 @@ class MirrorApplier:
         envelopes = await self._envelopes(entries)
         work = BatchWork([entry_id for entry_id, _ in entries], Plan())
         events: list[Invalidation] = []
+        owners: list[tuple[bytes, list[Invalidation]]] = []
+        work.events = lambda: owners
         for entry_id, envelope, kept in envelopes:
             # Continuity follows the envelope as sent, whatever this region refused of it.
             for reason, after, upto in _continuity(status, envelope):
@@ -88,11 +90,12 @@ class MirrorApplier:
             status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
             if kept:
                 events += kept
-                work.keys[entry_id] = [key for event in kept for key in event.keys]
-                patterns = [event for event in kept if event.pattern is not None]
-                if patterns:
-                    work.walks[entry_id] = patterns
+                owners.append((entry_id, kept))
         work.plan = plan_batch(events, self.origin, self.ctx.resolver)
+        for entry_id, kept in owners if work.plan.scans else ():
+            patterns = [event for event in kept if event.pattern is not None]
+            if patterns:
+                work.walks[entry_id] = patterns
         started_ns = time.time_ns()
         status.applied += len(events)  # saved with the acknowledgement, not a second later
         try:
