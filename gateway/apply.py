@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -90,8 +90,9 @@ class BatchWork:
     ids: list[bytes]
     """Every entry of the batch (acknowledged unless held)."""
     plan: Plan
-    keys: dict[bytes, list[str]] = field(default_factory=dict)
-    """The keys of each entry, to tell which entries a node that does not answer holds back."""
+    events: Callable[[], Iterable[tuple[bytes, Sequence[Invalidation]]]] = lambda: ()
+    """Each entry's events, to tell which entries a node that does not answer holds back: asked
+    only then, so a batch that went through pays nothing for it."""
     walks: dict[bytes, list[Invalidation]] = field(default_factory=dict)
     """Pattern invalidations of each entry: walked by the scanner, acknowledged when done."""
     held: set[bytes] = field(default_factory=set)
@@ -139,7 +140,11 @@ def _entries_waiting(work: BatchWork, failed: Plan) -> set[bytes]:
     if not failed:
         return set()
     lost = failed.keys()
-    return {entry_id for entry_id, keys in work.keys.items() if not lost.isdisjoint(keys)}
+    return {
+        entry_id
+        for entry_id, events in work.events()
+        if any(not lost.isdisjoint(event.keys) for event in events)
+    }
 
 
 def _start_walks(
@@ -190,7 +195,7 @@ class AppliedRecord:
         self._batch.observe(len(events))
         if not events:
             return
-        for op, count in Counter(event.op for event in events).items():
+        for op, count in Counter([event.op for event in events]).items():
             self._applied.labels(self.region, self.origin, op).inc(count)
         self._removed.inc(removed)
         lags = lag_counts([event.id for event in events], origin_now_ms)
@@ -252,8 +257,7 @@ class LocalApplier:
         work = BatchWork(
             [entry_id for entry_id, _ in entries], plan_batch(valid, ctx.region, ctx.resolver)
         )
-        for event in valid:
-            work.keys[event.id.encode()] = event.keys
+        work.events = lambda: ((event.id.encode(), (event,)) for event in valid)
         for event in work.plan.scans:
             work.walks[event.id.encode()] = [event]
         started_ns = time.time_ns()

@@ -136,6 +136,8 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     batch_size: int = 500
     block_ms: int = 1000
     """How long one XREADGROUP waits for entries; must stay below the socket timeout."""
+    linger_ms: int = 1
+    """After a small batch from the local stream, wait this long before reading again (0: never)."""
     heartbeat_interval_ms: int = 1000
     claim_idle_ms: int = 60_000
     """Pending entries idle this long (their consumer died) are reclaimed with XAUTOCLAIM."""
@@ -157,6 +159,8 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             raise ValueError("batch_size: must be between 1 and 10000")
         if not 1 <= self.feed_batches <= 10_000:
             raise ValueError("feed_batches: must be between 1 and 10000")
+        if not 0 <= self.linger_ms <= 100:
+            raise ValueError("linger_ms: must be between 0 and 100")
         if not 1 <= self.window_batches <= 1000:
             raise ValueError("window_batches: must be between 1 and 1000")
         for name in (

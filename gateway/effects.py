@@ -7,7 +7,7 @@ a fenced variant of either that also leaves a tombstone. Pattern invalidations b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from invalgw.policy import Resolver
@@ -69,12 +69,20 @@ def plan_keys(
             plan.unlink.append(key)
 
 
-def plan_batch(events: Iterable[Invalidation], origin: str, resolver: Resolver) -> Plan:
+def plan_batch(events: Sequence[Invalidation], origin: str, resolver: Resolver) -> Plan:
     """The effects in this region of ``events`` written in ``origin``."""
     plan = Plan()
+    if resolver.always_unlink and all(map(_plain_unlink, events)):  # the usual batch, at once
+        plan.unlink = [key for event in events for key in event.keys]
+        return plan
     for event in events:
         if event.pattern is not None:
             plan.scans.append(event)
         else:
             plan_keys(plan, event.keys, event.op, event.version, origin, resolver)
     return plan
+
+
+def _plain_unlink(event: Invalidation) -> bool:
+    """Whether ``event`` unlinks its keys under a policy without rules (no pattern, no fence)."""
+    return event.pattern is None and event.version is None and event.op in ("unlink", "invalidate")

@@ -52,6 +52,16 @@ class FedBatch:
 _encoder = msgspec.msgpack.Encoder()
 
 
+def merged(first: FedBatch, following: FedBatch) -> FedBatch:
+    """``first`` and the batch that directly follows it in the stream, as one batch."""
+    return FedBatch(
+        after=first.after,
+        last=following.last,
+        entries=[*first.entries, *following.entries],
+        events=[*first.events, *following.events],
+    )
+
+
 class Subscription:
     """One sender's place in the feed: a bounded queue, or dropped out when it overflowed."""
 
@@ -81,6 +91,18 @@ class Subscription:
     def leave(self) -> None:
         self.dropped = True
         self._queue.clear()
+
+    def take_following(self, batch: FedBatch, most: int) -> FedBatch:
+        """``batch`` merged with the queued batches that directly follow it, while the entries
+        stay at most ``most``: a sender whose window was full then sends what queued meanwhile
+        as one envelope, not one per read of the local apply."""
+        while self._queue:
+            following = self._queue[0]
+            if following.after != batch.last or len(batch.entries) + len(following.entries) > most:
+                break
+            self._queue.popleft()
+            batch = merged(batch, following)
+        return batch
 
     def get_nowait(self) -> FedBatch | None:
         return self._queue.popleft() if self._queue else None

@@ -264,7 +264,9 @@ class Forwarder:
                 scope.deadline = min(scope.deadline, anyio.current_time() + wait_ms / 1000)
                 fed = await subscription.get()
         if fed is not None:
-            await self._take(fed)
+            with self.drain.interruptible():  # what queues meanwhile goes in the same envelope
+                await self.window.room()
+            await self._take(subscription.take_following(fed, self.reader.count))
         elif not subscription.dropped and not self.drain.requested:
             await self.idle()
 

@@ -29,6 +29,7 @@ from invalgw.proto import (
     StreamId,
     check_invalidation,
     decode_envelope,
+    plainly_valid,
 )
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.read import Entry, GroupReader
@@ -36,6 +37,8 @@ from invalgw.read import Entry, GroupReader
 log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
+_STREAM_IDS = re.compile(r"[0-9]+-[0-9]+(?:,[0-9]+-[0-9]+)*")
+"""Stream IDs joined with commas."""
 
 
 class MirrorApplier:
@@ -77,6 +80,8 @@ class MirrorApplier:
         envelopes = await self._envelopes(entries)
         work = BatchWork([entry_id for entry_id, _ in entries], Plan())
         events: list[Invalidation] = []
+        owners: list[tuple[bytes, list[Invalidation]]] = []
+        work.events = lambda: owners
         for entry_id, envelope, kept in envelopes:
             # Continuity follows the envelope as sent, whatever this region refused of it.
             for reason, after, upto in _continuity(status, envelope):
@@ -85,11 +90,12 @@ class MirrorApplier:
             status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
             if kept:
                 events += kept
-                work.keys[entry_id] = [key for event in kept for key in event.keys]
-                patterns = [event for event in kept if event.pattern is not None]
-                if patterns:
-                    work.walks[entry_id] = patterns
+                owners.append((entry_id, kept))
         work.plan = plan_batch(events, self.origin, self.ctx.resolver)
+        for entry_id, kept in owners if work.plan.scans else ():
+            patterns = [event for event in kept if event.pattern is not None]
+            if patterns:
+                work.walks[entry_id] = patterns
         started_ns = time.time_ns()
         status.applied += len(events)  # saved with the acknowledgement, not a second later
         try:
@@ -164,6 +170,8 @@ class MirrorApplier:
         """``batch``'s events but those this region refuses (each one added to ``dead``): an
         envelope can do no more here than a valid entry of a local producer could. The limits
         and names are this region's own (``ctx.limits``), whatever the origin checked."""
+        if plainly_valid(batch.events, self.ctx.limits):  # the usual batch, checked at once
+            return batch.events
         kept: list[Invalidation] = []
         for event in batch.events:
             try:
@@ -218,6 +226,10 @@ def _check_ids(envelope: Batch | Heartbeat) -> None:
     else:
         ids = [envelope.prev, *(event.id for event in envelope.events)]
         ids += [bound for bound in (envelope.gap_from, envelope.gap_to) if bound is not None]
+    joined = ",".join(ids)
+    # all at once: one match, and as many commas as joints (an ID holding a comma is no ID)
+    if _STREAM_IDS.fullmatch(joined) is not None and joined.count(",") == len(ids) - 1:
+        return
     for stream_id in ids:
         if _STREAM_ID.fullmatch(stream_id) is None:
             raise ValueError(f"not a stream ID: {stream_id!r}")

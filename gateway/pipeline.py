@@ -53,7 +53,7 @@ def build_pipeline(region: Region) -> Pipeline:
     )
     local = LocalApplier(
         ctx,
-        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply"),
+        reader=_reader(region, names.local_stream, APPLY_GROUP, "apply", linger=True),
         clock=region.local_clock,
         status=region.statuses[region.name],
         epoch=region.epoch,
@@ -117,7 +117,9 @@ def build_pipeline(region: Region) -> Pipeline:
     return pipeline
 
 
-def _reader(region: Region, stream: str, group: str, stage: str) -> GroupReader:
+def _reader(
+    region: Region, stream: str, group: str, stage: str, *, linger: bool = False
+) -> GroupReader:
     """A reader whose lost group is counted; on the local stream a lost group also means lost
     history, hence a new epoch (the peers record the gap)."""
     watch = EpochWatch(region.epoch) if stream == region.names.local_stream else None
@@ -136,6 +138,7 @@ def _reader(region: Region, stream: str, group: str, stage: str) -> GroupReader:
         region.config.consumer,
         count=tuning.batch_size,
         block_ms=min(tuning.block_ms, tuning.heartbeat_interval_ms),
+        linger_ms=tuning.linger_ms if linger else 0,
         on_recreated=recreated,
         on_read=watch.read_ok if watch is not None else None,
     )

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import anyio
 import redis
 
 from invalgw.connections import AsyncRedis
@@ -35,6 +36,7 @@ class GroupReader:
         *,
         count: int,
         block_ms: int,
+        linger_ms: int = 0,
         on_recreated: Callable[[], Awaitable[None]] | None = None,
         on_read: Callable[[], None] | None = None,
     ) -> None:
@@ -44,6 +46,10 @@ class GroupReader:
         self.consumer = consumer
         self.count = count
         self.block_ms = block_ms
+        self.linger_ms = linger_ms
+        """After a small batch of new entries, wait this long before the next read, so that at
+        low rates one read (and everything each batch costs downstream) carries several entries."""
+        self._linger = False
         self._on_recreated = on_recreated
         self._on_read = on_read
         self._cursor = b"0"
@@ -80,6 +86,8 @@ class GroupReader:
     async def read(self) -> list[Entry]:
         """The next batch: pending entries first, then new ones (blocking up to ``block_ms``)."""
         pending = self._cursor != b">"
+        if self._linger and not pending:
+            await anyio.sleep(self.linger_ms / 1000)
         try:
             reply: Any = await self.client.xreadgroup(
                 self.group,
@@ -101,6 +109,9 @@ class GroupReader:
         self.after = None
         if not pending and entries:
             self.after, self._last_new = self._last_new, entries[-1][0]
+        # a batch under a quarter full: entries trickle in, so let a few gather first; an empty
+        # read (idle) or a fuller batch reads again at once
+        self._linger = self.linger_ms > 0 and 0 < len(entries) < max(2, self.count // 4)
         if pending:
             self._cursor = entries[-1][0] if entries else b">"
             if self._held:

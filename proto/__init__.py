@@ -14,6 +14,7 @@ from invalgw.proto.entry import (
     check_invalidation,
     entry_fields,
     parse_entry,
+    plainly_valid,
 )
 from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
 from invalgw.proto.guard import Guard
@@ -37,4 +38,5 @@ __all__ = [
     "encode_envelope",
     "entry_fields",
     "parse_entry",
+    "plainly_valid",
 ]

@@ -264,6 +264,47 @@ def check_invalidation(event: Invalidation, limits: Limits) -> None:
     limits.check_names(event.keys, event.pattern)
 
 
+def plainly_valid(events: Sequence[Invalidation], limits: Limits) -> bool:
+    """Whether :func:`check_invalidation` surely accepts every one of ``events``, found for the
+    whole batch at once: the usual envelope (ASCII keys, no pattern, no fence version) takes a
+    few passes at C speed instead of a call per event. False means: check them one by one."""
+    most = _most_plain_keys(events, limits.max_field_bytes // 4)
+    if most is None or most > limits.max_keys:
+        return False
+    keys = [key for event in events for key in event.keys]
+    if not keys:
+        return True
+    if not "".join(keys).isascii():  # then a key's length in characters is its length in bytes
+        return False
+    longest = max(map(len, keys))
+    if min(map(len, keys)) == 0 or longest > limits.max_key_bytes:
+        return False
+    if most * (longest + 1) - 1 > limits.max_field_bytes:  # an event's keys, joined, may be over
+        return False
+    try:
+        limits.check_names(keys, None)
+    except InvalidEntry:
+        return False
+    return True
+
+
+def _most_plain_keys(events: Sequence[Invalidation], field_chars: int) -> int | None:
+    """The most keys of one of ``events``; None if one has a pattern, a fence version, no keys,
+    or a traceparent or source of over ``field_chars`` characters (4 bytes each at most)."""
+    most = 0
+    for event in events:
+        if event.pattern is not None or event.version is not None or not event.keys:
+            return None
+        trace, source = event.traceparent, event.source
+        if (trace is not None and len(trace) > field_chars) or (
+            source is not None and len(source) > field_chars
+        ):
+            return None
+        if len(event.keys) > most:
+            most = len(event.keys)
+    return most
+
+
 def _parse_any(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> Invalidation:
     if not fields:
         raise InvalidEntry("entry has no fields (it was deleted or trimmed)", "deleted")

@@ -522,7 +522,7 @@ def test_check_prints_each_problem_and_exits_2(
         f"invalgw: {path}: gateway.block: unknown field (known fields: batch_size, block_ms, "
         "claim_idle_ms, claim_interval_ms, consumer, drain_timeout_ms, feed_batches, "
         "heartbeat_interval_ms, "
-        "lease_ms, retry_backoff_cap_ms, trim_interval_ms, window_batches)",
+        "lease_ms, linger_ms, retry_backoff_cap_ms, trim_interval_ms, window_batches)",
     ]
 
 
@@ -707,3 +707,9 @@ def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port} (Address already in use)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("linger_ms", [-1, 101])
+def test_linger_is_bounded(tmp_path: Path, linger_ms: int) -> None:
+    path = write(tmp_path, MINIMAL + f"[gateway]\nlinger_ms = {linger_ms}\n")
+    assert main(["check", "--config", str(path)]) == 2

@@ -17,6 +17,7 @@ import redis.asyncio
 
 from invalgw.config import CacheEndpoint
 from invalgw.dev.localredis import RedisProcess, free_port
+from invalgw.feed import FedBatch, Subscription
 from invalgw.forward import BatchOut
 from invalgw.names import Names
 from invalgw.proto import (
@@ -231,6 +232,43 @@ def test_events_encoded_once_make_the_same_envelope() -> None:
     once = msgspec.msgpack.encode(BatchOut(events=raw, **fields))  # type: ignore[arg-type]
     assert once == encode_envelope(Batch(events=events, **fields))  # type: ignore[arg-type]
     assert decode_envelope(once) == Batch(events=events, **fields)  # type: ignore[arg-type]
+
+
+def _fed(first: int, last: int, *, after: int | None) -> FedBatch:
+    entries = [(f"1-{n}".encode(), {b"keys": b"k"}) for n in range(first, last + 1)]
+    events = [
+        Invalidation(id=f"1-{n}", op="unlink", keys=[f"k{n}"]) for n in range(first, last + 1)
+    ]
+    return FedBatch(
+        after=None if after is None else StreamId.parse(f"1-{after}"),
+        last=StreamId.parse(f"1-{last}"),
+        entries=entries,
+        events=events,
+    )
+
+
+def test_queued_batches_that_follow_each_other_go_out_as_one_envelope() -> None:
+    """A sender whose window was full sends what queued meanwhile as one batch: only batches
+    that directly follow, and no more entries than a batch may hold."""
+    subscription = Subscription(bound=10)
+    subscription.join()
+    for batch in (
+        _fed(3, 4, after=2),
+        _fed(5, 7, after=4),
+        _fed(9, 9, after=8),
+        _fed(10, 10, after=9),
+    ):
+        subscription.offer(batch)
+    first = subscription.get_nowait()
+    assert first is not None
+    one = subscription.take_following(first, most=10)
+    assert (one.after, one.last) == (StreamId.parse("1-2"), StreamId.parse("1-7"))
+    assert [event.id for event in one.events] == ["1-3", "1-4", "1-5", "1-6", "1-7"]
+    assert [entry_id for entry_id, _ in one.entries] == [b"1-3", b"1-4", b"1-5", b"1-6", b"1-7"]
+    after_gap = subscription.get_nowait()  # 1-8 was not in the feed: not merged across
+    assert after_gap is not None
+    assert subscription.take_following(after_gap, most=1).last == StreamId.parse("1-9")
+    assert subscription.get_nowait() == _fed(10, 10, after=9)  # over ``most``: left queued
 
 
 async def test_the_peers_keep_their_pace_while_the_local_apply_is_stuck(

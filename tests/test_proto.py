@@ -14,15 +14,18 @@ from hypothesis import strategies as st
 
 from invalgw.proto import (
     Batch,
+    Guard,
     Heartbeat,
     Invalidation,
     InvalidEntry,
     Limits,
     StreamId,
+    check_invalidation,
     decode_envelope,
     encode_envelope,
     entry_fields,
     parse_entry,
+    plainly_valid,
 )
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.proto.schema import SCHEMA_DIR, render, schemas
@@ -494,3 +497,35 @@ def test_producer_schema_states_the_contract() -> None:
         prop.get("type") == "string" or "enum" in prop for prop in entry["properties"].values()
     )
     assert "additionalProperties" not in entry  # unknown fields are allowed (and ignored)
+
+
+_GUARD = Guard(
+    namespace="gw", names=("invalidations",), max_keys=3, max_key_bytes=8, max_field_bytes=20
+)
+_KEY = st.text(alphabet="ab:é,\n gwinvalidations", max_size=10)
+_EVENT = st.builds(
+    Invalidation,
+    st.just("1-0"),
+    st.just("unlink"),
+    st.lists(_KEY, max_size=4),
+    st.none() | st.text(max_size=25),
+    st.none() | st.text(max_size=6),
+    st.none() | st.just("ab*"),
+    st.none() | st.just("7"),
+)
+
+
+@given(st.lists(_EVENT, max_size=4))
+def test_a_batch_accepted_at_once_holds_no_event_checked_one_by_one_refuses(
+    events: list[Invalidation],
+) -> None:
+    if plainly_valid(events, _GUARD):
+        for event in events:
+            check_invalidation(event, _GUARD)
+
+
+def test_the_usual_batch_is_accepted_at_once_and_a_reserved_key_is_not() -> None:
+    usual = [Invalidation(f"1-{i}", "unlink", [f"u:{i}", "ab"], "00-ab", "svc") for i in range(9)]
+    assert plainly_valid(usual, _GUARD)
+    assert not plainly_valid([*usual, Invalidation("2-0", "unlink", ["gw:lag"])], _GUARD)
+    assert not plainly_valid([Invalidation("2-0", "unlink", ["é"])], _GUARD)  # checked one by one
