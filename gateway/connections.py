@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from invalgw.config import CacheEndpoint, RedisEndpoint, redact
+from invalgw.config import RedisEndpoint, redact
 from invalgw.errors import RedisUnreachable
 from invalgw.proto import StreamFields
 
@@ -137,14 +137,25 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
     return client
 
 
-def connect_cache(endpoint: CacheEndpoint, *, name: str) -> AsyncRedis | RedisCluster:
-    """A client for a region's cache: a cluster client when the cache is a Redis Cluster."""
+def connect_cache(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis | RedisCluster:
+    """A client for a region's cache (or any endpoint): a cluster client when the endpoint is a
+    Redis Cluster."""
     if not endpoint.cluster:
         return connect(endpoint, name=name)
     cluster: RedisCluster = RedisCluster.from_url(
         endpoint.url,
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
         **_options(endpoint, name),
+    )
+    return cluster
+
+
+def connect_sync_any(endpoint: RedisEndpoint, *, name: str) -> redis.Redis | redis.RedisCluster:
+    """:func:`connect_sync`, or a blocking cluster client when the endpoint is a Redis Cluster."""
+    if not endpoint.cluster:
+        return connect_sync(endpoint, name=name)
+    cluster: redis.RedisCluster = redis.RedisCluster.from_url(
+        endpoint.url, retry=Retry(_backoff(endpoint), endpoint.retries), **_options(endpoint, name)
     )
     return cluster
 

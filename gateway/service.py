@@ -49,6 +49,7 @@ class Gateway:
         tracer_provider: TracerProvider | None = None,
         connector: Connector = connect,
     ) -> None:
+        _refuse_partitions(config)
         self.config = config
         self.metrics = metrics or Metrics(config.region)
         self.tracer_provider = tracer_provider
@@ -227,6 +228,34 @@ class Gateway:
             "metrics on http://%s:%d/metrics, health on /healthz and /readyz",
             metrics.host,
             metrics.port,
+        )
+
+
+def _refuse_partitions(config: RegionConfig) -> None:
+    """This gateway runs unpartitioned streams on a standalone Redis only: started on a
+    partitioned one it would read nothing the producers write (they write to the partitions), so
+    it refuses to start."""
+    partitioned = [
+        f"{where}.partitions = {count}"
+        for where, count in [
+            ("streams", config.streams.partitions),
+            *((f"peers[{i}]", peer.partitions) for i, peer in enumerate(config.peers)),
+        ]
+        if count > 1
+    ]
+    partitioned += [
+        f"{where}.cluster = true"
+        for where, endpoint in [
+            ("redis", config.redis),
+            *((f"peers[{i}]", peer) for i, peer in enumerate(config.peers)),
+        ]
+        if endpoint.cluster
+    ]
+    if partitioned:
+        raise GatewayError(
+            f"{config.region}: {', '.join(partitioned)}: this gateway does not run partitioned "
+            "streams or a clustered stream Redis yet (producers, invalgw publish and invalgw "
+            "check know them)"
         )
 
 

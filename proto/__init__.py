@@ -17,10 +17,19 @@ from invalgw.proto.entry import (
 )
 from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
 from invalgw.proto.guard import Guard
+from invalgw.proto.partition import (
+    MAX_PARTITIONS,
+    hash_tag,
+    partition_of,
+    partition_stream,
+    pattern_partition,
+    stream_for,
+)
 from invalgw.proto.streamid import StreamId
 
 __all__ = [
     "CONTRACT_VERSION",
+    "MAX_PARTITIONS",
     "WILDCARDS",
     "Batch",
     "Envelope",
@@ -36,5 +45,10 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "entry_fields",
+    "hash_tag",
     "parse_entry",
+    "partition_of",
+    "partition_stream",
+    "pattern_partition",
+    "stream_for",
 ]
