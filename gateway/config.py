@@ -237,6 +237,12 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     f"peers[{i}].name: {peer.name!r} is already listed as peers[{seen[peer.name]}]"
                 )
             seen[peer.name] = i
+        if self.redis.cluster and self.streams.partitions == 1:
+            raise ValueError(
+                "redis.cluster: a stream Redis that is a Redis Cluster needs [streams] "
+                "partitions above 1 (the keys of one partition share a slot; those of the "
+                "unpartitioned stream do not)"
+            )
         if self.gateway.block_ms >= self.redis.socket_timeout_ms:
             raise ValueError(
                 f"gateway.block_ms: {self.gateway.block_ms} must be below "

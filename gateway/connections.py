@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import hiredis
@@ -148,6 +149,29 @@ def connect_cache(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis | RedisCl
         **_options(endpoint, name),
     )
     return cluster
+
+
+async def cluster_nodes(endpoint: RedisEndpoint, keys: list[str]) -> dict[str, str]:
+    """The URL of the primary serving each of ``keys`` in the Redis Cluster at ``endpoint``
+    (the endpoint's URL with that node's host and port), read once from the cluster."""
+    cluster = connect_cache(endpoint, name="invalgw:nodes")
+    assert isinstance(cluster, RedisCluster)
+    try:
+        await cluster.initialize()
+        parts = urlsplit(endpoint.url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        found = {}
+        for key in keys:
+            node = cluster.get_node_from_key(key)
+            if node is None:
+                raise redis.exceptions.ClusterDownError(f"no node serves the slot of {key!r}")
+            netloc = (
+                f"{userinfo}@{node.host}:{node.port}" if userinfo else f"{node.host}:{node.port}"
+            )
+            found[key] = urlunsplit(parts._replace(netloc=netloc))
+        return found
+    finally:
+        await close(cluster)
 
 
 def connect_sync_any(endpoint: RedisEndpoint, *, name: str) -> redis.Redis | redis.RedisCluster:

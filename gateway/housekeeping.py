@@ -70,10 +70,8 @@ class Chores:
             reported_key=names.lost,
         )
         self.mirror_trimmers = [
-            StreamTrimmer(
-                region.local, names.mirror(peer.name), max_len=config.streams.mirror_max_len
-            )
-            for peer in config.peers
+            StreamTrimmer(mirror.client, mirror.stream, max_len=config.streams.mirror_max_len)
+            for mirror in region.mirrors
         ]
         self._mirrors_trimmed = 0.0
 
@@ -136,3 +134,11 @@ class Chores:
             local_clock=region.local_clock,
             metrics=region.metrics,
         )
+        for mirror, source in self.pipeline.mirror_status:
+            await publish_status(
+                mirror.client,
+                mirror.status_key,
+                [source],
+                local_clock=region.local_clock,
+                metrics=region.metrics,
+            )

@@ -52,6 +52,12 @@ class Names:
         """Hash next to :meth:`mirror`: the last batch accepted from ``origin`` (for dedup)."""
         return f"{self.mirror(origin, partition)}:state"
 
+    def mirror_status(self, origin: str, partition: int | None = None) -> str:
+        """Hash of this region's status of one mirror stream, in the mirror's slot: used when
+        either side is partitioned (else the status is a field of :attr:`status`)."""
+        tag = origin if partition is None else f"{origin}:{partition}"
+        return f"{self.namespace}:status:{{{tag}}}"
+
     def link(self, peer: str) -> str:
         """Hash in the origin's Redis: what the forwarder has delivered to ``peer``."""
         return f"{self.namespace}:link:{peer}{self.suffix}"

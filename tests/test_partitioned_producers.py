@@ -16,11 +16,9 @@ from invalgw import cli
 from invalgw.config import RegionConfig
 from invalgw.connections import close, connect_sync_any
 from invalgw.dev.localredis import RedisProcess
-from invalgw.errors import GatewayError
 from invalgw.producer import Invalidator, SyncInvalidator
 from invalgw.proto import Limits, parse_entry, partition_of, partition_stream, pattern_partition
-from invalgw.service import Gateway
-from tests.cluster import redis_cluster
+from tests.cluster import cluster_client, redis_cluster
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
@@ -36,12 +34,7 @@ def cluster_nodes() -> Iterator[list[RedisProcess]]:
 
 @pytest.fixture
 async def cluster(cluster_nodes: list[RedisProcess]) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster.from_url(
-        f"redis://127.0.0.1:{cluster_nodes[0].port}/0",
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1),
-    )
+    client = cluster_client(cluster_nodes[0])
     yield client
     await close(client)
 
@@ -150,14 +143,6 @@ def test_publish_and_the_sync_helper_follow_the_rule_on_a_cluster(
         assert ids(client, stream) == [entry_id, second]
     finally:
         client.close()
-
-
-def test_a_gateway_refuses_what_it_cannot_run_yet(
-    configs: dict[str, RegionConfig], cluster_nodes: list[RedisProcess]
-) -> None:
-    config = partitioned(configs["us-east"], f"redis://127.0.0.1:{cluster_nodes[0].port}/0")
-    with pytest.raises(GatewayError, match=r"streams.partitions = 8, redis.cluster = true"):
-        Gateway(config)
 
 
 def test_partition_counts_out_of_range_are_refused_by_the_helpers() -> None:
