@@ -83,6 +83,11 @@ class Names:
         return f"{self.namespace}:lease{self.suffix}"
 
     @property
+    def handover(self) -> str:
+        """Key next to a partition's :attr:`lease`: another gateway asks for the partition."""
+        return f"{self.namespace}:handover{self.suffix}"
+
+    @property
     def epoch(self) -> str:
         return f"{self.namespace}:epoch{self.suffix}"
 

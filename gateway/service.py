@@ -32,6 +32,7 @@ from invalgw.lease import RegionLease
 from invalgw.metrics import Metrics
 from invalgw.pipeline import build_pipeline
 from invalgw.region import Region, open_region, routed_keys
+from invalgw.sharing import Sharing
 from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class Gateway:
                         name=f"{region.name}: connect",
                         on_error=region.counts_errors("connect"),
                     )
+                if ready and len(parts) > 1:  # partitions shared by lease, no region lease
+                    self.health.lease_held = True
+                    await Sharing(region, parts).run(task_status=task_status)
+                    return
                 lease = RegionLease(
                     region.local,
                     region.names.lease,
