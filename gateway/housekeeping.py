@@ -101,8 +101,12 @@ class Chores:
         """Trim the local stream below its slowest group (and to its cap); the mirrors too, at
         the configured interval."""
         region = self.region
+        partition = region.names.partition_index
         for position in await self.local_trimmer.round():
-            region.metrics.backlog.labels(region.name, position.name).set(position.backlog)
+            backlogs = region.backlogs
+            backlogs[partition, position.name] = position.backlog
+            total = sum(v for (_p, group), v in backlogs.items() if group == position.name)
+            region.metrics.backlog.labels(region.name, position.name).set(total)
         now = time.monotonic()
         if now - self._mirrors_trimmed >= region.config.gateway.trim_interval_ms / 1000:
             self._mirrors_trimmed = now

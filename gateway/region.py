@@ -85,6 +85,9 @@ class Region:
     statuses: dict[str, LinkStatus] = field(default_factory=dict)
     mirrors: list[MirrorSource] = field(default_factory=list)
     """The mirror streams this region (or partition of it) applies."""
+    backlogs: dict[tuple[int | None, str], int] = field(default_factory=dict)
+    """Per (partition, consumer group): entries not yet delivered, shared by the partitions a
+    process runs, so ``invalgw_backlog_entries`` is their sum."""
     route: Route | None = None
     peer_route: Callable[[str, str], AsyncRedis] | None = None
     """(peer, key) → a client of the node serving ``key`` in the peer's Redis Cluster (or the

@@ -102,6 +102,8 @@ class Sharing:
                 await running.done.wait()
         running.scope.cancel()
         await running.done.wait()
+        for key in [key for key in self.region.backlogs if key[0] == p]:  # no longer ours
+            del self.region.backlogs[key]
         if release:
             with anyio.move_on_after(2, shield=True):
                 try:

@@ -22,7 +22,7 @@ from invalgw.names import APPLY_GROUP, Names, forward_group
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
 from tests.cluster import cluster_client, redis_cluster
-from tests.conftest import make_configs, running, wait_gone, wait_until
+from tests.conftest import make_configs, metric, running, wait_gone, wait_until
 from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
@@ -72,7 +72,7 @@ async def test_every_partition_is_applied_and_forwarded_by_one_process(
     keys = [f"{namespace}:user:{n}" for n in range(24)]
     assert len({partition_of(key, P) for key in keys}) == P
     try:
-        async with running(two_regions):
+        async with running(two_regions) as gateways:
             for key in keys:
                 await cluster.set(key, "cached")
                 await standalone.set(key, "cached")
@@ -85,6 +85,14 @@ async def test_every_partition_is_applied_and_forwarded_by_one_process(
                 lambda: _none_exist(cluster, keys), seconds=20, what="keys gone in us-east"
             )
             await _partition_state_is_in_its_slot(cluster, standalone, us_east, eu_west)
+            east = gateways["us-east"]
+            assert metric(east, "invalgw_partitions_owned", region="us-east") == P
+
+            async def nothing_waits() -> bool:
+                labels = {"region": "us-east", "group": "to:eu-west"}
+                return metric(east, "invalgw_backlog_entries", **labels) == 0
+
+            await wait_until(nothing_waits, seconds=20, what="the backlog summed to 0")
     finally:
         await close(standalone)
 
