@@ -14,7 +14,14 @@ import msgspec
 from invalgw import __version__, logs
 from invalgw.cliargs import bind, command_from
 from invalgw.config import RedisEndpoint, RegionConfig, load_config, redact
-from invalgw.connections import REDIS_ERRORS, close, connect, connect_sync, probe
+from invalgw.connections import (
+    REDIS_ERRORS,
+    close,
+    connect,
+    connect_sync,
+    connect_sync_any,
+    probe,
+)
 from invalgw.errors import ConfigError, GatewayError, RedisUnreachable
 from invalgw.proto.entry import OPS, Op
 
@@ -207,8 +214,11 @@ class Reached(msgspec.Struct, kw_only=True):
     ok: bool
     redis_version: str | None = None
     error: str | None = None
+    layout: str | None = None
 
     def line(self) -> str:
+        if self.ok and self.layout:
+            return f"ok    {self.target}: {self.layout}, none of another layout holds entries"
         if self.ok:
             return f"ok    {self.target}: {self.url} (Redis {self.redis_version})"
         return f"FAIL  {self.error}"
@@ -235,7 +245,25 @@ async def _reach_all(config: RegionConfig) -> list[Reached]:
     async with anyio.create_task_group() as tg:
         for label, endpoint in targets:
             tg.start_soon(reach, label, endpoint)
-    return [results[label] for label, _ in targets]
+    reached = [results[label] for label, _ in targets]
+    if reached[0].ok:
+        reached += await _layout(config)
+    return reached
+
+
+async def _layout(config: RegionConfig) -> list[Reached]:
+    """The stream layout in the region's Redis (see :mod:`invalgw.ops.layout`)."""
+    from invalgw.ops.layout import layout_problems
+
+    label, url = f"{config.region} (streams)", redact(config.redis.url)
+    try:
+        problems = await layout_problems(config)
+    except REDIS_ERRORS as exc:
+        problems = [f"cannot read the stream layout: {exc}"]
+    partitions = config.streams.partitions
+    if not problems and (partitions > 1 or config.redis.cluster):
+        return [Reached(target=label, url=url, ok=True, layout=f"{partitions} partitions")]
+    return [Reached(target=label, url=url, ok=False, error=f"{label}: {p}") for p in problems]
 
 
 def cmd_run(options: RunOptions) -> int:
@@ -254,9 +282,14 @@ def cmd_publish(options: PublishOptions) -> int:
     unlink_cache = options.unlink_local and config.cache is not None and options.keys
     if unlink_cache and config.cache is not None:
         _unlink(config.cache, list(options.keys), name=f"invalgw:{config.region}:publish")
-    client = connect_sync(config.redis, name=f"invalgw:{config.region}:publish")
+    client = connect_sync_any(config.redis, name=f"invalgw:{config.region}:publish")
     try:
-        invalidator = SyncInvalidator(client, stream=config.streams.local, source=options.source)
+        invalidator = SyncInvalidator(
+            client,
+            stream=config.streams.local,
+            source=options.source,
+            partitions=config.streams.partitions,
+        )
         entry_id = invalidator.invalidate(
             *options.keys,
             op=options.op,

@@ -20,7 +20,7 @@ import redis.connection
 
 from invalgw.errors import ConfigError
 from invalgw.policy import Policy
-from invalgw.proto import Guard, Limits
+from invalgw.proto import MAX_PARTITIONS, Guard, Limits, partition_stream
 
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 """Region names appear in key names and metric labels: lower-case letters, digits, '.', '_', '-'."""
@@ -50,6 +50,10 @@ class RedisEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Retries of one call after a connection error or timeout, with jittered backoff."""
     backoff_base_ms: int = 20
     backoff_cap_ms: int = 1000
+    cluster: bool = False
+    """True for a Redis Cluster. A cache: keys are grouped by hash slot, scans visit every
+    primary. The region's stream Redis: producers and ``invalgw publish`` use a cluster client
+    (with ``[streams] partitions`` above 1, so the partitions spread over the shards)."""
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
@@ -103,6 +107,14 @@ class Peer(RedisEndpoint, frozen=True, kw_only=True, forbid_unknown_fields=True)
     """A peer region: its name and its Redis, where this gateway writes the mirror stream."""
 
     name: RegionName
+    partitions: int = 1
+    """How many partitions the peer's stream has (its ``[streams] partitions``): one mirror
+    stream per partition arrives here from it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions: must be between 1 and {MAX_PARTITIONS}")
 
 
 class Streams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -118,8 +130,18 @@ class Streams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     mirror_max_len: int = 100_000
     """Hard cap, in envelopes, on each mirror stream this region receives."""
     dead_letter_max_len: int = 100_000
+    partitions: int = 1
+    """How many streams the local stream is split into (see README, "Partitioned streams"):
+    partition ``p`` is the stream ``{<local>:p}``; 1 keeps the single stream ``<local>``."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions: must be between 1 and {MAX_PARTITIONS}")
+        if self.partitions > 1 and ("{" in self.local or "}" in self.local):
+            raise ValueError(
+                "local: a partitioned stream's name must not hold '{' or '}' (each partition "
+                "gets a hash tag of its own)"
+            )
         for name in ("max_len", "mirror_max_len", "dead_letter_max_len"):
             if getattr(self, name) < 1000:
                 raise ValueError(f"{name}: must be at least 1000")
@@ -191,9 +213,6 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 class CacheEndpoint(RedisEndpoint, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The region's cache, when it is not the same Redis as ``[redis]``."""
 
-    cluster: bool = False
-    """True for a Redis Cluster: keys are grouped by hash slot, scans visit every primary."""
-
 
 class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything one region's gateway needs to know."""
@@ -222,6 +241,12 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     f"peers[{i}].name: {peer.name!r} is already listed as peers[{seen[peer.name]}]"
                 )
             seen[peer.name] = i
+        if self.redis.cluster and self.streams.partitions == 1:
+            raise ValueError(
+                "redis.cluster: a stream Redis that is a Redis Cluster needs [streams] "
+                "partitions above 1 (the keys of one partition share a slot; those of the "
+                "unpartitioned stream do not)"
+            )
         if self.gateway.block_ms >= self.redis.socket_timeout_ms:
             raise ValueError(
                 f"gateway.block_ms: {self.gateway.block_ms} must be below "
@@ -232,12 +257,21 @@ class RegionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @property
     def guard(self) -> Guard:
         """The region's limits, plus the names no producer or peer may invalidate: the
-        namespace and the local stream."""
+        namespace and the local stream (every partition of it)."""
         return Guard(
             **msgspec.structs.asdict(self.limits),
             namespace=self.streams.namespace,
-            names=(self.streams.local,),
+            names=tuple(self.local_streams),
         )
+
+    @property
+    def local_streams(self) -> list[str]:
+        """The local stream, or each of its partitions."""
+        streams = self.streams
+        return [
+            partition_stream(streams.local, p, streams.partitions)
+            for p in range(streams.partitions)
+        ]
 
     @property
     def cache_endpoint(self) -> CacheEndpoint:

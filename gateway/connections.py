@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import hiredis
@@ -19,7 +20,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from invalgw.config import CacheEndpoint, RedisEndpoint, redact
+from invalgw.config import RedisEndpoint, redact
 from invalgw.errors import RedisUnreachable
 from invalgw.proto import StreamFields
 
@@ -137,14 +138,48 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
     return client
 
 
-def connect_cache(endpoint: CacheEndpoint, *, name: str) -> AsyncRedis | RedisCluster:
-    """A client for a region's cache: a cluster client when the cache is a Redis Cluster."""
+def connect_cache(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis | RedisCluster:
+    """A client for a region's cache (or any endpoint): a cluster client when the endpoint is a
+    Redis Cluster."""
     if not endpoint.cluster:
         return connect(endpoint, name=name)
     cluster: RedisCluster = RedisCluster.from_url(
         endpoint.url,
         retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
         **_options(endpoint, name),
+    )
+    return cluster
+
+
+async def cluster_nodes(endpoint: RedisEndpoint, keys: list[str]) -> dict[str, str]:
+    """The URL of the primary serving each of ``keys`` in the Redis Cluster at ``endpoint``
+    (the endpoint's URL with that node's host and port), read once from the cluster."""
+    cluster = connect_cache(endpoint, name="invalgw:nodes")
+    assert isinstance(cluster, RedisCluster)
+    try:
+        await cluster.initialize()
+        parts = urlsplit(endpoint.url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        found = {}
+        for key in keys:
+            node = cluster.get_node_from_key(key)
+            if node is None:
+                raise redis.exceptions.ClusterDownError(f"no node serves the slot of {key!r}")
+            netloc = (
+                f"{userinfo}@{node.host}:{node.port}" if userinfo else f"{node.host}:{node.port}"
+            )
+            found[key] = urlunsplit(parts._replace(netloc=netloc))
+        return found
+    finally:
+        await close(cluster)
+
+
+def connect_sync_any(endpoint: RedisEndpoint, *, name: str) -> redis.Redis | redis.RedisCluster:
+    """:func:`connect_sync`, or a blocking cluster client when the endpoint is a Redis Cluster."""
+    if not endpoint.cluster:
+        return connect_sync(endpoint, name=name)
+    cluster: redis.RedisCluster = redis.RedisCluster.from_url(
+        endpoint.url, retry=Retry(_backoff(endpoint), endpoint.retries), **_options(endpoint, name)
     )
     return cluster
 

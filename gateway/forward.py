@@ -126,12 +126,15 @@ class Forwarder:
         self._on_error = on_error or (lambda exc: None)
         self.subscription = (feed or Feed()).subscribe(feed_bound)
         self._link_key = names.link(peer)
-        self._mirror = names.mirror(region)
+        self._mirror = names.mirror(region, names.partition_index)
         self.window = PeerWindow(
             region=region,
             peer=peer,
             remote=remote,
-            mirror_keys=[names.mirror(region), names.mirror_state(region)],
+            mirror_keys=[
+                names.mirror(region, names.partition_index),
+                names.mirror_state(region, names.partition_index),
+            ],
             mirror_max_len=mirror_max_len,
             drain=drain,
             metrics=metrics,

@@ -70,10 +70,8 @@ class Chores:
             reported_key=names.lost,
         )
         self.mirror_trimmers = [
-            StreamTrimmer(
-                region.local, names.mirror(peer.name), max_len=config.streams.mirror_max_len
-            )
-            for peer in config.peers
+            StreamTrimmer(mirror.client, mirror.stream, max_len=config.streams.mirror_max_len)
+            for mirror in region.mirrors
         ]
         self._mirrors_trimmed = 0.0
 
@@ -103,8 +101,12 @@ class Chores:
         """Trim the local stream below its slowest group (and to its cap); the mirrors too, at
         the configured interval."""
         region = self.region
+        partition = region.names.partition_index
         for position in await self.local_trimmer.round():
-            region.metrics.backlog.labels(region.name, position.name).set(position.backlog)
+            backlogs = region.backlogs
+            backlogs[partition, position.name] = position.backlog
+            total = sum(v for (_p, group), v in backlogs.items() if group == position.name)
+            region.metrics.backlog.labels(region.name, position.name).set(total)
         now = time.monotonic()
         if now - self._mirrors_trimmed >= region.config.gateway.trim_interval_ms / 1000:
             self._mirrors_trimmed = now
@@ -136,3 +138,11 @@ class Chores:
             local_clock=region.local_clock,
             metrics=region.metrics,
         )
+        for mirror, source in self.pipeline.mirror_status:
+            await publish_status(
+                mirror.client,
+                mirror.status_key,
+                [source],
+                local_clock=region.local_clock,
+                metrics=region.metrics,
+            )

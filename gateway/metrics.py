@@ -286,6 +286,13 @@ class Metrics:
             ["region"],
             registry=r,
         )
+        self.partitions_owned = Gauge(
+            "invalgw_partitions_owned",
+            "Partitions of the region's stream this gateway process holds the lease of and runs "
+            "(a partitioned stream; sum over processes: the partition count).",
+            ["region"],
+            registry=r,
+        )
         self.link_up = Gauge(
             "invalgw_link_up",
             "1 while the last attempt to reach a peer's Redis succeeded, else 0.",

@@ -4,15 +4,17 @@
   to this region's cache at once and hands it to every sender through the in-memory feed;
 - ``to:<peer>``: the sender to one peer's mirror stream, fed from memory; its consumer group on
   the local stream is only its durable cursor (and where it catches up from when behind);
-- ``from:<peer>``: the mirror stream from a peer → this region's cache, one per peer.
+- ``from:<peer>``: the mirror stream from a peer → this region's cache, one per peer (one per
+  partition of a peer's stream, ``from:<peer>:<q>``, spread over this region's partitions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from invalgw.apply import ApplyContext, LocalApplier
+from invalgw.connections import AsyncRedis
 from invalgw.epoch import EpochWatch
 from invalgw.feed import Feed
 from invalgw.forward import Forwarder
@@ -22,7 +24,7 @@ from invalgw.names import APPLY_GROUP, forward_group
 from invalgw.poison import PoisonGuard
 from invalgw.proto import StreamId
 from invalgw.read import GroupReader
-from invalgw.region import Region
+from invalgw.region import MirrorSource, Region
 from invalgw.stages import Handler, Runnable, Stage
 
 
@@ -31,6 +33,9 @@ class Pipeline:
     stages: list[Runnable] = field(default_factory=list)
     forwarders: dict[str, Forwarder] = field(default_factory=dict)
     status_sources: list[StatusSource] = field(default_factory=list)
+    """Saved in the region's (or partition's) status hash."""
+    mirror_status: list[tuple[MirrorSource, StatusSource]] = field(default_factory=list)
+    """Saved each in its own hash, in its mirror's slot (when a side is partitioned)."""
 
 
 def build_pipeline(region: Region) -> Pipeline:
@@ -101,24 +106,44 @@ def build_pipeline(region: Region) -> Pipeline:
         pipeline.forwarders[peer.name] = forwarder
         pipeline.stages.append(forwarder)
 
-        name = f"from:{peer.name}"
-        mirror = MirrorApplier(
-            ctx,
-            origin=peer.name,
-            reader=_reader(region, names.mirror(peer.name), APPLY_GROUP, name),
-            origin_clock=region.peer_clocks[peer.name],
-            local_clock=region.local_clock,
-            status=region.statuses[peer.name],
-        )
-        pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
-        pipeline.status_sources.append(
-            StatusSource(region.statuses[peer.name], mirror.record.window, mirror.origin_now_ms)
-        )
+    for source in region.mirrors:
+        _mirror_stage(region, pipeline, ctx, source)
     return pipeline
 
 
+def _mirror_stage(
+    region: Region, pipeline: Pipeline, ctx: ApplyContext, source: MirrorSource
+) -> None:
+    """The apply of one mirror stream: ``from:<origin>`` (``from:<origin>:<q>`` for partition
+    ``q`` of a partitioned origin)."""
+    name = f"from:{source.origin}"
+    if source.partition is not None:
+        name += f":{source.partition}"
+    reader = _reader(region, source.stream, APPLY_GROUP, name, client=source.reads)
+    mirror = MirrorApplier(
+        replace(ctx, status_key=source.status_key),
+        origin=source.origin,
+        reader=reader,
+        origin_clock=region.peer_clocks[source.origin],
+        local_clock=region.local_clock,
+        status=source.status,
+    )
+    pipeline.stages.append(_stage(region, name, mirror.reader, mirror))
+    status = StatusSource(source.status, mirror.record.window, mirror.origin_now_ms)
+    if source.status_key == region.names.status:
+        pipeline.status_sources.append(status)
+    else:
+        pipeline.mirror_status.append((source, status))
+
+
 def _reader(
-    region: Region, stream: str, group: str, stage: str, *, linger: bool = False
+    region: Region,
+    stream: str,
+    group: str,
+    stage: str,
+    *,
+    client: AsyncRedis | None = None,
+    linger: bool = False,
 ) -> GroupReader:
     """A reader whose lost group is counted; on the local stream a lost group also means lost
     history, hence a new epoch (the peers record the gap)."""
@@ -132,7 +157,7 @@ def _reader(
 
     tuning = region.config.gateway
     return GroupReader(
-        region.reads,
+        client or region.reads,
         stream,
         group,
         region.config.consumer,

@@ -22,8 +22,8 @@ import redis
 from opentelemetry.sdk.trace import TracerProvider
 
 from invalgw import logs, tracing
-from invalgw.config import RegionConfig, redact
-from invalgw.connections import REDIS_ERRORS, Connector, connect
+from invalgw.config import RedisEndpoint, RegionConfig, redact
+from invalgw.connections import REDIS_ERRORS, Connector, cluster_nodes, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
 from invalgw.health import Health, health_app, serve_http
@@ -31,7 +31,8 @@ from invalgw.housekeeping import Chores
 from invalgw.lease import RegionLease
 from invalgw.metrics import Metrics
 from invalgw.pipeline import build_pipeline
-from invalgw.region import Region, open_region
+from invalgw.region import Region, open_region, routed_keys
+from invalgw.sharing import Sharing
 from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Gateway:
                 self._serve_metrics(stack)
                 ticks.start_soon(self.health.keep_ticking)
                 stack.callback(ticks.cancel_scope.cancel)
+                nodes = await self._cluster_nodes()
                 region = open_region(
                     self.config,
                     stack=stack,
@@ -88,13 +90,21 @@ class Gateway:
                     drain=self.drain,
                     connector=self.connector,
                     tracer_provider=self.tracer_provider,
+                    nodes=nodes,
                 )
-                ready = await until_ok(
-                    partial(_refused_is_fatal, region),
-                    self.drain,
-                    name=f"{region.name}: connect",
-                    on_error=region.counts_errors("connect"),
-                )
+                parts = region.partitions()
+                ready = nodes is not None or not routed_keys(self.config)
+                for part in parts if ready else []:
+                    ready = ready and await until_ok(
+                        partial(_refused_is_fatal, part),
+                        self.drain,
+                        name=f"{region.name}: connect",
+                        on_error=region.counts_errors("connect"),
+                    )
+                if ready and len(parts) > 1:  # partitions shared by lease, no region lease
+                    self.health.lease_held = True
+                    await Sharing(region, parts).run(task_status=task_status)
+                    return
                 lease = RegionLease(
                     region.local,
                     region.names.lease,
@@ -107,7 +117,26 @@ class Gateway:
                     task_status.started()
                     return
                 stack.push_async_callback(self._release_lease, lease)
-                await self._run(region, lease, task_status)
+                await self._run(region, parts, lease, task_status)
+
+    async def _cluster_nodes(self) -> dict[str, dict[str, str]] | None:
+        """For each Redis Cluster (the region's stream Redis, ``""``, or a peer's), the node
+        serving each key the gateway uses there, read once at start (after a resharding moves
+        one, restart the gateway); None when there is none, or if drained before they answered."""
+        config = self.config
+        wanted = routed_keys(config)
+        if not wanted:
+            return None
+        endpoints: dict[str, RedisEndpoint] = {"": config.redis}
+        endpoints.update((peer.name, peer) for peer in config.peers)
+        found: dict[str, dict[str, str]] = {}
+
+        async def read() -> None:
+            for target, keys in wanted.items():
+                found[target] = await cluster_nodes(endpoints[target], keys)
+
+        await until_ok(read, self.drain, name=f"{config.region}: cluster nodes", on_error=_no_count)
+        return found if len(found) == len(wanted) else None
 
     async def _take_lease(self, region: Region, lease: RegionLease) -> bool:
         """Wait, as a standby, until this gateway holds the region's lease; False if drained."""
@@ -181,30 +210,39 @@ class Gateway:
         self.health.lease_held = False
 
     async def _run(
-        self, region: Region, lease: RegionLease, task_status: anyio.abc.TaskStatus[None]
+        self,
+        region: Region,
+        parts: list[Region],
+        lease: RegionLease,
+        task_status: anyio.abc.TaskStatus[None],
     ) -> None:
-        pipeline = build_pipeline(region)
-        self.forwarders = pipeline.forwarders
-        chores = Chores(region, pipeline)
+        """Run the stages of every partition (the region's, when not partitioned)."""
+        pipelines = [build_pipeline(part) for part in parts]
+        self.forwarders = pipelines[0].forwarders
+        chores = [Chores(part, pipeline) for part, pipeline in zip(parts, pipelines, strict=True)]
+        stages = [stage for pipeline in pipelines for stage in pipeline.stages]
         async with anyio.create_task_group() as background:
-            chores.start(background)
+            for each in chores:
+                each.start(background)
             background.start_soon(self._keep_lease, region, lease)
             async with anyio.create_task_group() as workers:
                 await workers.start(region.scanner.run)
                 await workers.start(region.retries.run)
-                for stage in pipeline.stages:
+                for stage in stages:
                     await workers.start(stage.run)
                 log.info(
-                    "gateway %s running: %d stages, peers %s",
+                    "gateway %s running: %d stages, %d partitions, peers %s",
                     region.name,
-                    len(pipeline.stages),
+                    len(stages),
+                    len(parts),
                     ", ".join(region.peers) or "none",
-                    extra={"peers": list(region.peers), "stages": len(pipeline.stages)},
+                    extra={"peers": list(region.peers), "stages": len(stages)},
                 )
                 task_status.started()
             with anyio.move_on_after(2, shield=True):
                 try:
-                    await chores.publish_status()  # the last word on what was applied
+                    for each in chores:
+                        await each.publish_status()  # the last word on what was applied
                 except REDIS_ERRORS as exc:
                     log.warning("could not save the final status: %s", exc)
             background.cancel_scope.cancel()
@@ -228,6 +266,10 @@ class Gateway:
             metrics.host,
             metrics.port,
         )
+
+
+def _no_count(_exc: Exception) -> None:
+    """Errors before the region's clients exist are logged only."""
 
 
 async def _refused_is_fatal(region: Region) -> None:

@@ -18,10 +18,19 @@ from invalgw.proto.entry import (
 )
 from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
 from invalgw.proto.guard import Guard
+from invalgw.proto.partition import (
+    MAX_PARTITIONS,
+    hash_tag,
+    partition_of,
+    partition_stream,
+    pattern_partition,
+    stream_for,
+)
 from invalgw.proto.streamid import StreamId
 
 __all__ = [
     "CONTRACT_VERSION",
+    "MAX_PARTITIONS",
     "WILDCARDS",
     "Batch",
     "Envelope",
@@ -37,6 +46,11 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "entry_fields",
+    "hash_tag",
     "parse_entry",
+    "partition_of",
+    "partition_stream",
+    "pattern_partition",
     "plainly_valid",
+    "stream_for",
 ]

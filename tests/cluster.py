@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -103,3 +105,13 @@ def _wait_ok(nodes: list[RedisProcess], timeout_s: float = 20.0) -> None:
 def _state_ok(client: redis.Redis) -> bool:
     reply: bytes = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
     return b"cluster_state:ok" in reply
+
+
+def cluster_client(node: RedisProcess) -> redis.asyncio.RedisCluster:
+    """A test's asyncio cluster client, entering the cluster at ``node``."""
+    return redis.asyncio.RedisCluster.from_url(
+        f"redis://127.0.0.1:{node.port}/0",
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 1),
+    )

@@ -339,6 +339,21 @@ MISTAKES = [
         id="empty-namespace",
     ),
     pytest.param(
+        MINIMAL + "[streams]\npartitions = 0\n",
+        "streams.partitions: must be between 1 and 1024",
+        id="partitions-range",
+    ),
+    pytest.param(
+        MINIMAL + '[streams]\npartitions = 4\nlocal = "inv{x}"\n',
+        "streams.local: a partitioned stream's name must not hold '{' or '}'",
+        id="partitioned-stream-with-braces",
+    ),
+    pytest.param(
+        MINIMAL + '[[peers]]\nname = "eu-west"\nurl = "redis://h"\npartitions = 2000\n',
+        "peers[0].partitions: must be between 1 and 1024",
+        id="peer-partitions-range",
+    ),
+    pytest.param(
         MINIMAL + "[limits]\nmax_keys = 0\n", "limits.max_keys: must be positive", id="limits"
     ),
     pytest.param(

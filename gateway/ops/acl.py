@@ -129,16 +129,24 @@ def topology_acl(configs: list[RegionConfig], *, producer_user: str) -> list[str
                 else ""
             )
         )
+        streams = [_keys(stream) for stream in config.local_streams]
         keys = ["~*"]
         if config.cache is not None:
-            keys = [_keys(names.namespace) + ":*", _keys(names.local_stream)]
-        lines.append(_setuser(own, f"invalgw-{config.region}", GATEWAY_COMMANDS, keys))
+            keys = [_keys(names.namespace) + ":*", *streams]
+        cluster = CLUSTER_COMMANDS if config.redis.cluster else ()
+        lines.append(_setuser(own, f"invalgw-{config.region}", GATEWAY_COMMANDS + cluster, keys))
+        partitions = {peer.name: peer.partitions for peer in config.peers}
         for origin, url in _senders(config, configs):
-            lines.append(f"# peer {origin}: delivers into its mirror stream here, nothing else")
-            keys = [_keys(names.mirror(origin)), _keys(names.mirror_state(origin))]
-            lines.append(_setuser(url, f"invalgw-peer-{origin}", PEER_COMMANDS, keys))
+            lines.append(f"# peer {origin}: delivers into its mirror streams here, nothing else")
+            count = partitions.get(origin, 1)
+            keys = [
+                _keys(key)
+                for q in (range(count) if count > 1 else [None])
+                for key in (names.mirror(origin, q), names.mirror_state(origin, q))
+            ]
+            lines.append(_setuser(url, f"invalgw-peer-{origin}", PEER_COMMANDS + cluster, keys))
         lines.append("# producers: XADD into the region's stream, nothing else")
-        lines.append(_setuser(None, producer_user, PRODUCER_COMMANDS, [_keys(names.local_stream)]))
+        lines.append(_setuser(None, producer_user, PRODUCER_COMMANDS + cluster, streams))
         if config.cache is not None:
             lines.append(f"# {config.region} cache: run on {redact(config.cache.url)}")
             commands = CACHE_COMMANDS + (CLUSTER_COMMANDS if config.cache.cluster else ())

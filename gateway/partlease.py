@@ -1,0 +1,169 @@
+"""Partition leases: gateway processes of one region share its partitions, one owner each.
+
+Each partition ``p`` has a lease, the key ``<namespace>:lease:{<stream>:p}`` in the partition's
+slot, holding ``<consumer> <token>`` with a TTL of ``gateway.lease_ms``. Every process runs
+:meth:`PartitionLeases.round` every third of the TTL (Kinesis Client Library style):
+
+- renew the leases it holds; one it finds taken, or cannot renew for half the TTL, it stops
+  using at once (the others may act only once the TTL has passed since its last renewal);
+- count the live holders (this process included) and the fair share, ``ceil(P / holders)``;
+- take free or expired leases up to its share;
+- below its share with none free, ask the most loaded holder (above the share, or at it while
+  this one is two below) for one partition: it sets ``<namespace>:handover:{<stream>:p}``; the
+  holder sees it at its next round, stops the partition, and releases the lease, which the
+  asker then takes as free. One partition per round, so a rebalance never stops everything.
+
+A draining process stops its partitions and releases their leases at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from invalgw.connections import REDIS_ERRORS, AsyncRedis
+
+log = logging.getLogger(__name__)
+
+_TAKE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, redis.call('GET', KEYS[2]) or false}
+end
+return {0, false}
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass
+class Lease:
+    partition: int
+    key: str
+    handover_key: str
+    client: AsyncRedis
+    renewed: float = 0.0
+    """Local monotonic time of the last renewal (or take) that succeeded."""
+
+
+@dataclass
+class Round:
+    """What one round decided: partitions to start, and to stop (lost, or handed over)."""
+
+    start: list[int] = field(default_factory=list)
+    stop: list[int] = field(default_factory=list)
+
+
+class PartitionLeases:
+    def __init__(self, leases: list[Lease], consumer: str, *, ttl_ms: int) -> None:
+        self.leases = leases
+        self.ttl_ms = ttl_ms
+        self.value = f"{consumer} {secrets.token_hex(6)}"
+        self.held: set[int] = set()
+        self.handing_over: set[int] = set()
+        """Partitions another process asked for: stopped, then released."""
+
+    @property
+    def interval_s(self) -> float:
+        return self.ttl_ms / 3000
+
+    async def round(self) -> Round:
+        """Renew, then take or ask for partitions up to the fair share."""
+        decided = Round()
+        holders: dict[str, list[int]] = {}
+        for lease in self.leases:
+            await self._look(lease, decided, holders)
+        holders.setdefault(self.value, [])
+        share = math.ceil(len(self.leases) / len(holders))
+        mine = len(self.held)
+        for lease in self.leases:
+            if mine >= share:
+                break
+            if lease.partition in self.held or any(
+                lease.partition in held for held in holders.values()
+            ):
+                continue
+            if await self._take(lease):
+                decided.start.append(lease.partition)
+                mine += 1
+        if mine < share:
+            await self._ask(holders, share, mine)
+        return decided
+
+    async def _look(self, lease: Lease, decided: Round, holders: dict[str, list[int]]) -> None:
+        """Renew ``lease`` if held (stopping it if lost, handed over or stale), else note its
+        holder."""
+        p = lease.partition
+        if p in self.held:
+            ok, wanted = await self._renew(lease)
+            holders.setdefault(self.value, []).append(p)  # until stopped and released
+            if not ok or wanted is not None:
+                self.held.discard(p)
+                decided.stop.append(p)
+                if ok:  # handed over: released once stopped (see release)
+                    self.handing_over.add(p)
+                    log.info("partition %d: handing over to %s", p, wanted)
+                else:
+                    log.warning("partition %d: lease lost; stopped using it", p)
+            return
+        holder = await lease.client.get(lease.key)
+        if isinstance(holder, bytes):
+            holders.setdefault(holder.decode(), []).append(p)
+
+    async def _renew(self, lease: Lease) -> tuple[bool, str | None]:
+        try:
+            reply = await lease.client.eval(
+                _RENEW, 2, lease.key, lease.handover_key, self.value, self.ttl_ms
+            )
+        except REDIS_ERRORS:
+            if time.monotonic() - lease.renewed > self.ttl_ms / 2000:
+                return False, None  # stale: others may take it soon; stop first
+            return True, None
+        ok, wanted = int(reply[0]), reply[1]
+        if ok:
+            lease.renewed = time.monotonic()
+        return bool(ok), wanted.decode() if isinstance(wanted, bytes) else None
+
+    async def _take(self, lease: Lease) -> bool:
+        took = await lease.client.eval(
+            _TAKE, 2, lease.key, lease.handover_key, self.value, self.ttl_ms
+        )
+        if int(took):
+            lease.renewed = time.monotonic()
+            self.held.add(lease.partition)
+            return True
+        return False
+
+    async def _ask(self, holders: dict[str, list[int]], share: int, mine: int) -> None:
+        """Ask the most loaded holder for one of its partitions."""
+        others = [(len(held), value) for value, held in holders.items() if value != self.value]
+        if not others:
+            return
+        count, victim = max(others)
+        if count > share or (count == share and mine < share - 1):
+            lease = self.leases[holders[victim][0]]
+            await lease.client.set(lease.handover_key, self.value, px=self.ttl_ms, nx=True)
+
+    async def release(self, partition: int) -> None:
+        """Release ``partition``'s lease (after stopping it), for another process to take."""
+        lease = self.leases[partition]
+        self.held.discard(partition)
+        self.handing_over.discard(partition)
+        await lease.client.eval(_RELEASE, 2, lease.key, lease.handover_key, self.value)

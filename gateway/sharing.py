@@ -1,0 +1,145 @@
+"""Gateway processes of one region share its partitions by lease (see :mod:`invalgw.partlease`).
+
+Each partition this process holds runs on its own (its stages and chores, its own drain), so it
+can be started and stopped while the others go on: stopped at once when its lease is lost,
+drained (the batches in hand finished and acknowledged) and released when another process asks
+for it, and all of them drained and released when the process drains. Mirror streams go with
+the partition that applies them (mirror ``q`` of an origin with partition ``q mod P``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import anyio
+import anyio.abc
+
+from invalgw.connections import REDIS_ERRORS
+from invalgw.housekeeping import Chores
+from invalgw.partlease import Lease, PartitionLeases
+from invalgw.pipeline import build_pipeline
+from invalgw.region import Region
+from invalgw.stages import Drain, log_failure, until_ok
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    """One partition this process runs."""
+
+    drain: Drain = field(default_factory=Drain)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Sharing:
+    def __init__(self, region: Region, parts: list[Region]) -> None:
+        self.region = region
+        self.parts = parts
+        config = region.config
+        self.leases = PartitionLeases(
+            [
+                Lease(p, part.names.lease, part.names.handover, part.local)
+                for p, part in enumerate(parts)
+            ],
+            config.consumer,
+            ttl_ms=config.gateway.lease_ms,
+        )
+        self.running: dict[int, Running] = {}
+        self._owned = region.metrics.partitions_owned.labels(region.name)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Balance and run partitions until the region's drain; then drain and release them."""
+        region = self.region
+        failures = 0
+        async with anyio.create_task_group() as tg:
+            await tg.start(region.scanner.run)
+            await tg.start(region.retries.run)
+            started = False
+            while not region.drain.requested:
+                try:
+                    decided = await self.leases.round()
+                    failures = 0
+                except REDIS_ERRORS as exc:
+                    failures += 1
+                    log_failure(f"{region.name}: partition leases", exc, failures)
+                else:
+                    for p in decided.stop:
+                        handing_over = p in self.leases.handing_over
+                        tg.start_soon(self._stop, p, self.running.pop(p, None), handing_over)
+                    for p in decided.start:
+                        self.running[p] = running = Running()
+                        tg.start_soon(self._run_partition, p, running)
+                self._owned.set(len(self.leases.held))
+                if not started:
+                    started = True
+                    log.info(
+                        "gateway %s running: partitions shared by lease, %d held of %d",
+                        region.name,
+                        len(self.leases.held),
+                        len(self.parts),
+                    )
+                    task_status.started()
+                await region.drain.sleep(self.leases.interval_s)
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as stopping:
+                    for p in list(self.running):
+                        stopping.start_soon(self._stop, p, self.running.pop(p), True)
+            self._owned.set(0)
+            log.info("%s: every partition stopped and released", region.name)
+
+    async def _stop(self, p: int, running: Running | None, release: bool) -> None:
+        """Stop partition ``p``: drained then released, or (lost) at once and not released."""
+        if running is None:
+            return
+        if release:
+            running.drain.request()
+            with anyio.move_on_after(self.region.config.gateway.drain_timeout_ms / 1000):
+                await running.done.wait()
+        running.scope.cancel()
+        await running.done.wait()
+        for key in [key for key in self.region.backlogs if key[0] == p]:  # no longer ours
+            del self.region.backlogs[key]
+        if release:
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await self.leases.release(p)
+                except REDIS_ERRORS as exc:
+                    log.warning("partition %d: could not release its lease: %s", p, exc)
+        log.info("%s: stopped partition %d", self.region.name, p)
+
+    async def _run_partition(self, p: int, running: Running) -> None:
+        part = replace(self.parts[p], drain=running.drain)
+        try:
+            with running.scope:
+                ready = await until_ok(
+                    part.prepare,
+                    running.drain,
+                    name=f"{part.name}: partition {p}",
+                    on_error=part.counts_errors("connect"),
+                )
+                if ready:
+                    await _stages(part)
+        finally:
+            running.done.set()
+
+
+async def _stages(part: Region) -> None:
+    pipeline = build_pipeline(part)
+    chores = Chores(part, pipeline)
+    async with anyio.create_task_group() as background:
+        chores.start(background)
+        async with anyio.create_task_group() as workers:
+            for stage in pipeline.stages:
+                await workers.start(stage.run)
+            log.info("%s: running partition %s", part.name, part.names.partition_index)
+        with anyio.move_on_after(2, shield=True):
+            try:
+                await chores.publish_status()
+            except REDIS_ERRORS as exc:
+                log.warning("could not save the final status: %s", exc)
+        background.cancel_scope.cancel()
