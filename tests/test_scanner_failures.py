@@ -100,3 +100,45 @@ async def test_a_walk_given_up_while_redis_refuses_the_dead_letter_stops_nothing
         await admin.delete(letters_stream)
         await close(writer)
         await close(admin)
+
+
+async def test_each_entry_waiting_for_a_walk_is_told_once_even_if_one_fails(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """Two entries wait for the same walk; acknowledging the second fails once (Redis went
+    away). Then the second is told again, and the first not: one part of an entry with several
+    walks told twice would acknowledge it before its other walks ended."""
+    client = _client(session_servers[0].url)
+    drain = Drain()
+    scanner = Scanner(
+        Cache(client),
+        Resolver(Policy(), "r", ["r"]),
+        region="r",
+        metrics=Metrics("r", CollectorRegistry()),
+        drain=drain,
+    )
+    calls = {"first": 0, "second": 0}
+    second_acknowledged = anyio.Event()
+
+    async def first() -> None:
+        calls["first"] += 1
+
+    async def second() -> None:
+        calls["second"] += 1
+        if calls["second"] == 1:
+            raise redis.ConnectionError("Redis went away while acknowledging")
+        second_acknowledged.set()
+
+    event = Invalidation("1-1", "unlink", [], pattern=f"{namespace}:*")
+    try:
+        await client.set(f"{namespace}:k", "1")
+        async with anyio.create_task_group() as tg:
+            scanner.submit(ScanJob(event, "r", first))
+            scanner.submit(ScanJob(event, "r", second))  # joins the walk queued
+            await tg.start(scanner.run)
+            with anyio.fail_after(10):
+                await second_acknowledged.wait()
+            drain.request()
+        assert calls == {"first": 1, "second": 2}
+    finally:
+        await close(client)
