@@ -70,7 +70,10 @@ Done = Callable[[], Awaitable[None]]
 
 def ack_when_done(reader: GroupReader, entry_id: bytes, parts: int) -> Done:
     """Hold ``entry_id`` (pending, not handed out again) until the returned callback has been
-    called ``parts`` times (once per pattern walk or cache retry of the entry), then ack it."""
+    called ``parts`` times (once per pattern walk or cache retry of the entry), then ack it.
+
+    A call whose acknowledgement failed does not count: the caller calls again (else the entry
+    would stay held, unread and pending, for the gateway's lifetime, and hold trimming back)."""
     reader.hold(entry_id)
     remaining = parts
 
@@ -78,7 +81,11 @@ def ack_when_done(reader: GroupReader, entry_id: bytes, parts: int) -> Done:
         nonlocal remaining
         remaining -= 1
         if remaining == 0:
-            await reader.ack([entry_id])
+            try:
+                await reader.ack([entry_id])
+            except BaseException:
+                remaining += 1  # not acknowledged: the caller calls again once Redis answers
+                raise
 
     return done
 

@@ -125,6 +125,12 @@ def _xreadgroup_reply(response: Any, **_options: Any) -> Any:
     return [[stream, _stream_entries(entries)] for stream, entries in pairs]
 
 
+def _xrange_reply(response: Any, **_options: Any) -> Any:
+    """The entries of an XRANGE reply, as :func:`_stream_entries` reads them: a sender that reads
+    the stream itself must see a repeated field as the local apply does (and refuse the entry)."""
+    return _stream_entries(response)
+
+
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
     """An asyncio client for ``endpoint`` (``name``: ``invalgw:us-east:local``)."""
     client: AsyncRedis = redis.asyncio.Redis.from_url(
@@ -133,6 +139,7 @@ def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:
         **_options(endpoint, name),
     )
     client.set_response_callback("XREADGROUP", _xreadgroup_reply)
+    client.set_response_callback("XRANGE", _xrange_reply)
     pool = client.connection_pool  # no connection is made before the first command
     pool.connection_class = _HIREDIS_PACKING.get(pool.connection_class, pool.connection_class)
     return client

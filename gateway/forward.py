@@ -281,9 +281,12 @@ class Forwarder:
             await self._catch_up(fed.last if fed.after is None else fed.after)
             if fed.after is None or fed.last <= self.position or self.drain.requested:
                 return
-        if fed.after < self.position:  # partly sent already
+        if fed.after < self.position:  # partly sent already: the rest, parsed on its own
+            # (not fed.events filtered: conflation may have folded a key of the rest into an
+            # entry already sent, which the peer applied before the rest was written)
             entries = [e for e in fed.entries if StreamId.parse(e[0]) > self.position]
-            events = [e for e in fed.events if StreamId.parse(e.id) > self.position]
+            valid, _dead, _lost = parse_batch(entries, self.limits)
+            events, _conflated = conflate(valid)
             await self.deliver(events, fed.last, len(entries))
         else:
             await self.deliver(fed.events, fed.last, len(fed.entries), encoded=fed)

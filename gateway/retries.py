@@ -91,13 +91,17 @@ class CacheRetries:
         """One try of every job, in order; True if none is left waiting."""
         probe = True  # the first job tries the nodes marked down; the others skip them
         for job in list(self._jobs):
-            before = len(job.plan.keys())
-            removed, job.plan = await self.cache.apply_parts(job.plan, skip_down=not probe)
-            probe = False
-            job.removed(removed)
-            self._waiting -= before - len(job.plan.keys())
+            if job.plan:
+                before = len(job.plan.keys())
+                removed, job.plan = await self.cache.apply_parts(job.plan, skip_down=not probe)
+                probe = False
+                job.removed(removed)
+                self._waiting -= before - len(job.plan.keys())
             if not job.plan:
+                # acknowledged one by one; a job leaves only once all are (an acknowledgement
+                # that failed is tried again next round, the keys are not applied again)
+                while job.done:
+                    await job.done[0]()
+                    job.done.pop(0)
                 self._jobs.remove(job)
-                for done in job.done:
-                    await done()
         return not self._jobs

@@ -72,7 +72,8 @@ class Scanner:
         self._queue: MemoryObjectReceiveStream[ScanJob]
         self._jobs, self._queue = anyio.create_memory_object_stream[ScanJob](math.inf)
         self._active: dict[tuple[str, str], list[Callable[[], Awaitable[None]]]] = {}
-        """Jobs queued or running, with the ``done`` of the same jobs submitted meanwhile."""
+        """Jobs queued or running, with the ``done`` still to call: the job's own, then those of
+        the same jobs submitted meanwhile."""
         self._keys = metrics.pattern_keys
         self._removed = metrics.pattern_keys_removed
         self._finished = metrics.pattern_invalidations
@@ -90,7 +91,7 @@ class Scanner:
             self._jobs.send_nowait(job)
         except anyio.ClosedResourceError:  # stopped: the entry stays pending for the next run
             return
-        self._active[job.key] = []
+        self._active[job.key] = [job.done]
         self._in_progress.set(len(self._active))
 
     async def run(
@@ -119,9 +120,12 @@ class Scanner:
         """Walk until done; Redis errors are retried, any other error :data:`MAX_ATTEMPTS`
         times, after which the job is dead-lettered and acknowledged (never a crash loop)."""
         failures = errors = 0
-        while not self.drain.requested:
+        failed: Exception | None = None  # given up: only the dead letter is left to write,
+        while not self.drain.requested:  # which Redis may refuse too (retried, never fatal)
             try:
-                if await self._walk(job):
+                if failed is not None:
+                    await self._give_up(job, failed)
+                elif await self._walk(job):
                     await self._done(job)
             except REDIS_ERRORS as exc:
                 failures += 1
@@ -130,8 +134,7 @@ class Scanner:
             except Exception as exc:
                 errors += 1
                 if errors >= MAX_ATTEMPTS:
-                    await self._give_up(job, exc)
-                    return
+                    failed = failed or exc
             else:
                 return
 
@@ -149,11 +152,13 @@ class Scanner:
         await self._done(job)
 
     async def _done(self, job: ScanJob) -> None:
-        """Tell the job, and every one that joined it, that the walk is over."""
-        await job.done()
-        joined = self._active.get(job.key, [])
-        while joined:
-            await joined.pop(0)()
+        """Tell the job, and every one that joined it, that the walk is over; each told once
+        (a callback that failed is called again after the next walk, those before it are not:
+        an entry with several walks would otherwise be acknowledged before all of them ended)."""
+        waiting = self._active.setdefault(job.key, [job.done])
+        while waiting:
+            await waiting[0]()
+            waiting.pop(0)
 
     async def _walk(self, job: ScanJob) -> bool:
         """Apply the job to every matching key; False if a drain stopped it half way."""

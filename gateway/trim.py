@@ -107,6 +107,8 @@ class GroupPosition:
     """The group has every entry up to this ID (or lost it, and was told)."""
     backlog: int = 0
     """Entries not yet handled by the group: pending, plus those not read yet."""
+    raw_name: bytes = b""
+    """The name as Redis holds it (:attr:`name` shows bytes that are not UTF-8 escaped)."""
 
     @classmethod
     def parse(cls, group: dict[Any, Any]) -> GroupPosition:
@@ -118,6 +120,7 @@ class GroupPosition:
             pending=int(group["pending"]),
             entries_read=None if read is None else int(read),
             has=last,
+            raw_name=group["name"],
         )
 
 
@@ -158,8 +161,8 @@ class StreamTrimmer:
         try:
             state, groups = await self._read()
         except redis.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return []
+            if "no such key" in str(exc).lower() and "NOGROUP" not in str(exc):
+                return []  # no stream yet (a group gone meanwhile, NOGROUP, is worth a warning)
             raise
         self._pace(state)
         missing = set(self.groups_needed) - {group.name for group in groups}
@@ -186,7 +189,7 @@ class StreamTrimmer:
         if behind:
             async with self.client.pipeline(transaction=False) as pipe:
                 for group in behind:
-                    pipe.xpending(self.stream, group.name)
+                    pipe.xpending(self.stream, group.raw_name or group.name)
                 for group, summary in zip(behind, await pipe.execute(), strict=True):
                     if summary.get("min") is not None:
                         oldest = StreamId.parse(summary["min"]).previous()

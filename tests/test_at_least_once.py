@@ -15,9 +15,12 @@ import msgspec
 import pytest
 import redis.asyncio
 
+from invalgw.apply import parse_batch
 from invalgw.clock import ServerClock
 from invalgw.config import RegionConfig
+from invalgw.conflate import conflate
 from invalgw.epoch import Epoch
+from invalgw.feed import FedBatch
 from invalgw.forward import Forwarder
 from invalgw.metrics import Metrics
 from invalgw.names import APPLY_GROUP, Names, forward_group
@@ -370,6 +373,61 @@ async def test_gap_sent_with_a_duplicate_batch_still_reaches_the_peer(
             ("1-0", "1-5"),
         ]
         assert set(await east.hgetall(names.link("eu-west"))) == {b"epoch", b"last"}
+
+
+@pytest.mark.anyio
+async def test_a_fed_batch_partly_sent_keeps_the_invalidations_conflation_folded(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """The local apply read ``unlink k`` and a later ``expire k`` as one batch and conflated
+    them into the unlink (the stronger effect, applied once for both). A sender that had
+    already sent the unlink on its own (it read the stream itself up to there) must still send
+    the expire: the peer applied the unlink before it was written, and may have cached ``k``
+    again since."""
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
+    stream = names.local_stream
+    key = f"{namespace}:k"
+    async with clients(configs) as redis_by_region:
+        east, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+        epoch = Epoch(east, names.epoch)
+        await epoch.load()
+        clock = ServerClock()
+        await clock.sample(east)
+        reader = GroupReader(east, stream, forward_group("eu-west"), "t", count=10, block_ms=100)
+        sender = Forwarder(
+            region="us-east",
+            peer="eu-west",
+            reader=reader,
+            local=east,
+            remote=west,
+            names=names,
+            epoch=epoch,
+            clock=clock,
+            metrics=Metrics("us-east"),
+            limits=Limits(),
+            mirror_max_len=1000,
+            heartbeat_interval_ms=1000,
+            drain=Drain(),
+            tracer=InvalidationTracer("us-east"),
+        )
+        await sender.start()
+        first: bytes = await east.xadd(stream, entry_fields([key], op="unlink"))  # type: ignore[arg-type,assignment]
+        await sender._catch_up(StreamId.parse(first))  # the sender read the stream up to here
+        later: bytes = await east.xadd(stream, entry_fields([key], op="expire"))  # type: ignore[arg-type,assignment]
+
+        entries: list[Entry] = await east.xrange(stream)  # type: ignore[assignment]
+        valid, _dead, _lost = parse_batch(entries, Limits())
+        events, folded = conflate(valid)
+        assert ([e.id for e in events], folded) == ([first.decode()], 1)  # as the apply has it
+        await sender._take(FedBatch(StreamId(0, 0), StreamId.parse(later), entries, events))
+
+        sent = [
+            (event.id, event.op)
+            for _, fields in await stream_entries(west, names.mirror("us-east"))
+            if isinstance(envelope := decode_envelope(fields[b"d"]), Batch)
+            for event in envelope.events
+        ]
+        assert sent == [(first.decode(), "unlink"), (later.decode(), "expire")]
 
 
 @pytest.mark.anyio

@@ -126,6 +126,33 @@ async def test_an_entry_with_a_repeated_field_is_dead_lettered_whole(
 
 
 @pytest.mark.anyio
+async def test_an_entry_with_a_repeated_field_is_not_sent_to_the_peers_either(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """A sender that reads the stream itself (at start, or after it fell behind) refuses
+    ``op purge op unlink`` too: the peers must not apply what the origin dead-lettered."""
+    east = configs["us-east"]
+    names = Names(east.streams.namespace, east.streams.local)
+    twice, after = f"{namespace}:twice", f"{namespace}:after"
+    async with clients(configs) as redis_by_region:
+        west = redis_by_region["eu-west"]
+        await west.mset({twice: "cached", after: "cached"})
+        await redis_by_region["us-east"].execute_command(  # type: ignore[no-untyped-call]
+            "XADD", names.local_stream, "*", "op", "purge", "op", "unlink", "keys", twice
+        )  # before the gateway starts: its senders read it from the stream
+        async with running(configs, "us-east", "eu-west"):
+            await redis_by_region["us-east"].xadd(
+                names.local_stream, {"op": "unlink", "keys": after}
+            )
+
+            async def later_entry_applied() -> bool:
+                return int(await west.exists(after)) == 0
+
+            await wait_until(later_entry_applied, what="the later entry applied in eu-west")
+            assert await west.exists(twice) == 1
+
+
+@pytest.mark.anyio
 async def test_dead_letter_logs_are_rate_limited_with_counts(
     session_servers: list[RedisServer],
     namespace: str,
