@@ -202,6 +202,16 @@ def test_generated_region_files_are_valid_configs() -> None:
         assert config.gateway.batch_size == 200
 
 
+def test_partitioned_region_files_give_every_process_its_own_consumer() -> None:
+    ports = {region: 7000 + n for n, region in enumerate(REGIONS[:2])}
+    config = parse_config(
+        tomllib.loads(region_toml("us-east", ports, partitions=8, consumer="bench-1"))
+    )
+    assert config.streams.partitions == 8
+    assert [peer.partitions for peer in config.peers] == [8]
+    assert config.consumer == "bench-1"
+
+
 def test_keys_follow_debug_populate_names() -> None:
     assert keys_of("p", 0) == ("p:0", "p:1")
     assert keys_of("p", 7) == ("p:14", "p:15")
@@ -321,6 +331,31 @@ def test_small_run_reports_json_for_every_scenario_and_leaves_nothing_running(
     assert any(t["name"].startswith("wan-latency, eu-west") for t in report["targets"])
     assert _processes_under(str(tmp_path)) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("invalgw-bench-")] == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="looks for leftovers in /proc")
+def test_scaling_reports_the_two_process_ratio_and_the_cpu_of_p8_against_p1(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "report.json"
+    bench = _bench(tmp_path, "--scenario", "scaling", "--n", "400", "--json", str(out))
+    stdout, stderr = bench.communicate(timeout=300)
+    assert bench.returncode == 0, stderr
+    report = json.loads(out.read_text())
+    runs = {run["scenario"]: run for run in report["runs"]}
+    assert {run["system"] for run in report["runs"]} == {"gateway"}  # the gateway alone
+    assert set(runs) == {"scaling-p4x1", "scaling-p4x2", "scaling-p1x1", "scaling-p8x1"}
+    for name, run in runs.items():
+        assert run["regions"] == list(REGIONS[:2])
+        assert run["missing"] == dict.fromkeys(REGIONS[:2], 0), name
+    two_processes = [n for n in runs["scaling-p4x2"]["cpu_seconds"] if n.startswith("gateway-")]
+    assert len(two_processes) == 4  # 2 per region
+    targets = {t["name"].split(":")[1].strip(): t for t in report["targets"]}
+    ratio = targets["rate with 2 processes >= 1.5x 1 (P = 4)"]["detail"]
+    growth = targets["gateway CPU per invalidation at P = 8 <= 1.15x P = 1 (1 process)"]["detail"]
+    assert ratio in stdout
+    assert growth in stdout
+    assert _processes_under(str(tmp_path)) == []
 
 
 @pytest.mark.e2e
