@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from invalgw.config import parse_config
-from invalgw.dev.bench import split
+from invalgw.dev.bench import SCALING, split
 from invalgw.dev.benchload import keys_of, pace
 from invalgw.dev.benchrig import BATCHED, REGIONS, STREAM, Mesh, region_toml
 from invalgw.dev.benchstats import (
@@ -193,6 +193,22 @@ def test_summaries_compare_with_the_batched_baseline_and_check_targets() -> None
         assert region in text
 
 
+def test_scaling_targets_are_the_two_process_ratio_and_the_cpu_growth_from_p1_to_p8() -> None:
+    runs = [  # the gateways' CPU is cpu_us - 5 (the Redis share _run gives)
+        _run("scaling-p4x1", "gateway", rate=40_000, cpu_us=20.0, origin_us=10.0),
+        _run("scaling-p4x2", "gateway", rate=70_000, cpu_us=22.0, origin_us=6.0),
+        _run("scaling-p1x1", "gateway", rate=40_000, cpu_us=25.0, origin_us=12.0),
+        _run("scaling-p8x1", "gateway", rate=40_000, cpu_us=29.0, origin_us=12.0),
+    ]
+    targets = {t.name: t for t in check_targets(summarise_runs(runs), SCALING)}
+    ratio = targets["scaling: rate with 2 processes >= 1.5x 1 (P = 4)"]
+    assert ratio.met
+    assert ratio.detail == "1.75x (70,000/s vs 40,000/s)"
+    growth = targets["scaling: gateway CPU per invalidation at P = 8 <= 1.15x P = 1 (1 process)"]
+    assert not growth.met
+    assert growth.detail == "1.20x (24.0 us vs 20.0 us)"
+
+
 def test_generated_region_files_are_valid_configs() -> None:
     ports = {region: 7000 + n for n, region in enumerate(REGIONS)}
     for region in REGIONS:
@@ -338,7 +354,7 @@ def test_scaling_reports_the_two_process_ratio_and_the_cpu_of_p8_against_p1(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "report.json"
-    bench = _bench(tmp_path, "--scenario", "scaling", "--n", "400", "--json", str(out))
+    bench = _bench(tmp_path, "--scenario", "scaling", "--n", "2000", "--json", str(out))
     stdout, stderr = bench.communicate(timeout=300)
     assert bench.returncode == 0, stderr
     report = json.loads(out.read_text())

@@ -135,7 +135,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--scenario",
-        default=",".join(SCENARIO_NAMES),
+        default=",".join(DEFAULT_SCENARIOS),
         metavar="NAMES",
         help="comma-separated scenarios to run (default: all but scaling)",
     )

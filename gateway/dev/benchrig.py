@@ -177,6 +177,8 @@ class Mesh:
     ) -> None:
         if not 2 <= regions <= len(REGIONS):
             raise ValueError(f"between 2 and {len(REGIONS)} regions, not {regions}")
+        if processes > 1 and partitions == 1:
+            raise ValueError("several gateway processes per region share partitions: P above 1")
         self.workdir = workdir
         self.regions = REGIONS[:regions]
         self.delay_ms = delay_ms
