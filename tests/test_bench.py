@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from invalgw.config import parse_config
-from invalgw.dev.bench import split
+from invalgw.dev.bench import SCALING, split
 from invalgw.dev.benchload import keys_of, pace
 from invalgw.dev.benchrig import BATCHED, REGIONS, STREAM, Mesh, region_toml
 from invalgw.dev.benchstats import (
@@ -193,6 +193,22 @@ def test_summaries_compare_with_the_batched_baseline_and_check_targets() -> None
         assert region in text
 
 
+def test_scaling_targets_are_the_two_process_ratio_and_the_cpu_growth_from_p1_to_p8() -> None:
+    runs = [  # the gateways' CPU is cpu_us - 5 (the Redis share _run gives)
+        _run("scaling-p4x1", "gateway", rate=40_000, cpu_us=20.0, origin_us=10.0),
+        _run("scaling-p4x2", "gateway", rate=70_000, cpu_us=22.0, origin_us=6.0),
+        _run("scaling-p1x1", "gateway", rate=40_000, cpu_us=25.0, origin_us=12.0),
+        _run("scaling-p8x1", "gateway", rate=40_000, cpu_us=29.0, origin_us=12.0),
+    ]
+    targets = {t.name: t for t in check_targets(summarise_runs(runs), SCALING)}
+    ratio = targets["scaling: rate with 2 processes >= 1.5x 1 (P = 4)"]
+    assert ratio.met
+    assert ratio.detail == "1.75x (70,000/s vs 40,000/s)"
+    growth = targets["scaling: gateway CPU per invalidation at P = 8 <= 1.15x P = 1 (1 process)"]
+    assert not growth.met
+    assert growth.detail == "1.20x (24.0 us vs 20.0 us)"
+
+
 def test_generated_region_files_are_valid_configs() -> None:
     ports = {region: 7000 + n for n, region in enumerate(REGIONS)}
     for region in REGIONS:
@@ -200,6 +216,16 @@ def test_generated_region_files_are_valid_configs() -> None:
         assert config.region == region
         assert {peer.name for peer in config.peers} == set(REGIONS) - {region}
         assert config.gateway.batch_size == 200
+
+
+def test_partitioned_region_files_give_every_process_its_own_consumer() -> None:
+    ports = {region: 7000 + n for n, region in enumerate(REGIONS[:2])}
+    config = parse_config(
+        tomllib.loads(region_toml("us-east", ports, partitions=8, consumer="bench-1"))
+    )
+    assert config.streams.partitions == 8
+    assert [peer.partitions for peer in config.peers] == [8]
+    assert config.consumer == "bench-1"
 
 
 def test_keys_follow_debug_populate_names() -> None:
@@ -321,6 +347,31 @@ def test_small_run_reports_json_for_every_scenario_and_leaves_nothing_running(
     assert any(t["name"].startswith("wan-latency, eu-west") for t in report["targets"])
     assert _processes_under(str(tmp_path)) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("invalgw-bench-")] == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="looks for leftovers in /proc")
+def test_scaling_reports_the_two_process_ratio_and_the_cpu_of_p8_against_p1(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "report.json"
+    bench = _bench(tmp_path, "--scenario", "scaling", "--n", "2000", "--json", str(out))
+    stdout, stderr = bench.communicate(timeout=300)
+    assert bench.returncode == 0, stderr
+    report = json.loads(out.read_text())
+    runs = {run["scenario"]: run for run in report["runs"]}
+    assert {run["system"] for run in report["runs"]} == {"gateway"}  # the gateway alone
+    assert set(runs) == {"scaling-p4x1", "scaling-p4x2", "scaling-p1x1", "scaling-p8x1"}
+    for name, run in runs.items():
+        assert run["regions"] == list(REGIONS[:2])
+        assert run["missing"] == dict.fromkeys(REGIONS[:2], 0), name
+    two_processes = [n for n in runs["scaling-p4x2"]["cpu_seconds"] if n.startswith("gateway-")]
+    assert len(two_processes) == 4  # 2 per region
+    targets = {t["name"].split(":")[1].strip(): t for t in report["targets"]}
+    ratio = targets["rate with 2 processes >= 1.5x 1 (P = 4)"]["detail"]
+    growth = targets["gateway CPU per invalidation at P = 8 <= 1.15x P = 1 (1 process)"]["detail"]
+    assert ratio in stdout
+    assert growth in stdout
+    assert _processes_under(str(tmp_path)) == []
 
 
 @pytest.mark.e2e

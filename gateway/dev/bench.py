@@ -73,13 +73,23 @@ from invalgw.dev.benchstats import (
     summarise_runs,
 )
 
-SCENARIO_NAMES = ("one-origin", "all-origins", "five-regions", "ten-keys", "wan-latency", "latency")
+SCENARIO_NAMES = (
+    "one-origin",
+    "all-origins",
+    "five-regions",
+    "ten-keys",
+    "wan-latency",
+    "latency",
+    "scaling",
+)
+DEFAULT_SCENARIOS = SCENARIO_NAMES[:-1]
+"""Every scenario but ``scaling``, which measures the gateway alone."""
 DESCRIPTION = """\
 Measure the gateway against a hand-rolled batched forwarder on local regions (fresh
 redis-servers on this host for every run): CPU time per invalidation of every process,
 invalidations per second, and latency from XADD to keys gone in each peer region.
 
-Scenarios (--scenario, comma-separated; all by default):
+Scenarios (--scenario, comma-separated; all but scaling by default):
   one-origin     3 regions, one of them producing, 2 keys per invalidation
   all-origins    3 regions, all producing at once (--n split between them)
   five-regions   5 regions, one producing: what each added peer costs
@@ -87,6 +97,9 @@ Scenarios (--scenario, comma-separated; all by default):
   wan-latency    3 regions behind a loopback WAN proxy (--delay-ms each way),
                  paced at --wan-rate: latency to each peer
   latency        3 regions, no delay, paced at --rate: latency to each peer
+  scaling        2 regions, gateway only, partitioned streams: the rate with 1 and
+                 with 2 gateway processes per region at P = 4 (their ratio), and
+                 CPU per invalidation at one process for P = 1 and P = 8
 
 Every scenario runs each system (--systems) on its own fresh servers, rounds alternating
 which system goes first. A table goes to stdout; --json FILE writes every run and the
@@ -97,7 +110,7 @@ medians for machines. The defaults take about 3 minutes on a 2-core machine."""
 class BenchOptions:
     """``invalgw bench``'s options (the parser's dest names)."""
 
-    scenario: str = ",".join(SCENARIO_NAMES)
+    scenario: str = ",".join(DEFAULT_SCENARIOS)
     systems: str = f"{GATEWAY},{BATCHED}"
     n: int = 100_000
     naive_n: int = 10_000
@@ -122,9 +135,9 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--scenario",
-        default=",".join(SCENARIO_NAMES),
+        default=",".join(DEFAULT_SCENARIOS),
         metavar="NAMES",
-        help="comma-separated scenarios to run (default: all of them)",
+        help="comma-separated scenarios to run (default: all but scaling)",
     )
     parser.add_argument(
         "--systems",
@@ -239,13 +252,38 @@ def scenarios(args: BenchOptions) -> list[Scenario]:
         ),
     }
     picked = [name.strip() for name in args.scenario.split(",") if name.strip()]
-    unknown = [name for name in picked if name not in known]
+    unknown = [name for name in picked if name not in known and name != "scaling"]
     if unknown or not picked:
         raise ValueError(
             f"unknown scenario {', '.join(unknown) or '(none given)'}; "
             f"pick from {', '.join(SCENARIO_NAMES)}"
         )
-    return [known[name] for name in dict.fromkeys(picked)]
+    out: list[Scenario] = []
+    for name in dict.fromkeys(picked):
+        out += SCALING if name == "scaling" else [known[name]]
+    return out
+
+
+SCALING = [
+    Scenario(
+        name=f"scaling-p{partitions}x{processes}",
+        description=f"2 regions, P = {partitions}, {processes} gateway process"
+        + ("es" if processes > 1 else "")
+        + " per region",
+        regions=2,
+        partitions=partitions,
+        processes=processes,
+    )
+    for partitions, processes in ((4, 1), (4, 2), (1, 1), (8, 1))
+]
+"""The scaling scenario's runs (gateway only): P = 4 with 1 and 2 processes per region, and
+P = 1 and P = 8 at one process."""
+
+
+def _runs_system(scenario: Scenario, system: str) -> bool:
+    """The scaling scenario measures the gateway alone (the baselines know neither partitions
+    nor several processes)."""
+    return system == GATEWAY or not scenario.name.startswith("scaling-")
 
 
 def systems(args: BenchOptions) -> list[str]:
@@ -298,7 +336,8 @@ def run(args: BenchOptions, command: str, picked: list[Scenario], measured: list
         args.profile.mkdir(parents=True, exist_ok=True)
         args = replace(args, profile=args.profile.resolve())
     workdir = Path(tempfile.mkdtemp(prefix="invalgw-bench-"))
-    progress = Progress(len(picked) * len(measured) * args.rounds)
+    todo = [(s, system) for s in picked for system in measured if _runs_system(s, system)]
+    progress = Progress(len(todo) * args.rounds)
     load_start = _load_average()
     runs: list[Run] = []
     try:
@@ -306,6 +345,8 @@ def run(args: BenchOptions, command: str, picked: list[Scenario], measured: list
             order = measured if round_ % 2 == 0 else measured[::-1]
             for scenario in picked:
                 for system in order:
+                    if not _runs_system(scenario, system):
+                        continue
                     progress.next(f"{scenario.name}, {system}")
                     runs.append(run_once(workdir, scenario, system, round_, args, progress))
     finally:
@@ -337,7 +378,12 @@ def run_once(
     """One system through one scenario, on servers of its own."""
     where = workdir / f"{scenario.name}-{system}-{round_}"
     with Mesh(
-        where, scenario.regions, delay_ms=scenario.delay_ms, batch_size=args.batch_size
+        where,
+        scenario.regions,
+        delay_ms=scenario.delay_ms,
+        batch_size=args.batch_size,
+        partitions=scenario.partitions,
+        processes=scenario.processes,
     ) as mesh:
         progress.step("starting")
         mesh.start_system(system, profile_dir=args.profile if system == GATEWAY else None)
@@ -362,7 +408,7 @@ def measure_throughput(
         for prefix, share in zip(prefixes.values(), shares, strict=True):
             populate(mesh.port(region), prefix, share * per, use_debug=mesh.debug_populate)
     loads = {
-        mesh.port(origin): xadd_commands(STREAM, prefix, share, per)
+        mesh.port(origin): xadd_commands(STREAM, prefix, share, per, partitions=scenario.partitions)
         for (origin, prefix), share in zip(prefixes.items(), shares, strict=True)
     }
     total = sum(shares)

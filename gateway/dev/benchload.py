@@ -29,7 +29,7 @@ import hiredis
 import msgspec
 import redis
 
-from invalgw.proto import entry_fields
+from invalgw.proto import entry_fields, stream_for
 
 DEL_EVENTS = "__keyevent@0__:del"
 """Channel of ``del`` events in db 0 (``notify-keyspace-events Eg``); UNLINK fires them too."""
@@ -78,12 +78,16 @@ class RawConnection:
         self.sock.close()
 
 
-def xadd_commands(stream: str, prefix: str, count: int, per: int = 2) -> list[bytes]:
-    """Pre-encoded ``XADD stream * <contract fields>`` for invalidations 0 .. count-1."""
+def xadd_commands(
+    stream: str, prefix: str, count: int, per: int = 2, *, partitions: int = 1
+) -> list[bytes]:
+    """Pre-encoded ``XADD <stream> * <contract fields>`` for invalidations 0 .. count-1; with
+    ``partitions`` above 1, each to its partition's stream (the producers' rule)."""
     commands = []
     for index in range(count):
-        fields = entry_fields(keys_of(prefix, index, per))
-        args: list[str] = ["XADD", stream, "*"]
+        keys = keys_of(prefix, index, per)
+        fields = entry_fields(keys)
+        args: list[str] = ["XADD", stream_for(stream, partitions, keys), "*"]
         for name, value in fields.items():
             args += [name, value]
         commands.append(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]

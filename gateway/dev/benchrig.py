@@ -39,6 +39,9 @@ GATEWAY = "gateway"
 BATCHED = "batched"
 NAIVE = "naive"
 SYSTEMS = (GATEWAY, BATCHED, NAIVE)
+LEASE_MS = 3000
+"""Partition lease TTL in partitioned runs: rebalancing to a second process takes a few rounds
+of a third of it each."""
 _BASELINE_MODULES = {BATCHED: "invalgw.dev.batched", NAIVE: "invalgw.dev.naive"}
 
 
@@ -65,9 +68,13 @@ def region_toml(
     *,
     batch_size: int | None = None,
     peer_ports: dict[str, int] | None = None,
+    partitions: int = 1,
+    consumer: str = "bench",
 ) -> str:
     """A region file for the bench: defaults everywhere but names, addresses and consumer.
-    ``peer_ports``: where this region reaches each peer (a WAN proxy), if not at its Redis."""
+    ``peer_ports``: where this region reaches each peer (a WAN proxy), if not at its Redis;
+    ``partitions``: of every region's stream (the lease then runs on a short TTL, so a
+    second process gets its share within a couple of seconds)."""
     peer_ports = peer_ports or ports
     lines = [
         f'region = "{region}"',
@@ -78,10 +85,13 @@ def region_toml(
         "[streams]",
         f'namespace = "{NAMESPACE}"',
         f'local = "{STREAM}"',
+        f"partitions = {partitions}",
         "",
         "[gateway]",
-        'consumer = "bench"',
+        f'consumer = "{consumer}"',
     ]
+    if partitions > 1:
+        lines.append(f"lease_ms = {LEASE_MS}")
     if batch_size is not None:
         lines.append(f"batch_size = {batch_size}")
     for peer in ports:
@@ -91,6 +101,7 @@ def region_toml(
                 "[[peers]]",
                 f'name = "{peer}"',
                 f'url = "redis://127.0.0.1:{peer_ports[peer]}/0"',
+                f"partitions = {partitions}",
             ]
     return "\n".join(lines) + "\n"
 
@@ -161,13 +172,19 @@ class Mesh:
         *,
         delay_ms: float = 0.0,
         batch_size: int | None = None,
+        partitions: int = 1,
+        processes: int = 1,
     ) -> None:
         if not 2 <= regions <= len(REGIONS):
             raise ValueError(f"between 2 and {len(REGIONS)} regions, not {regions}")
+        if processes > 1 and partitions == 1:
+            raise ValueError("several gateway processes per region share partitions: P above 1")
         self.workdir = workdir
         self.regions = REGIONS[:regions]
         self.delay_ms = delay_ms
         self.batch_size = batch_size
+        self.partitions = partitions
+        self.processes = processes
         self.servers: dict[str, RedisProcess] = {}
         self.clients: dict[str, redis.Redis] = {}
         self.proxies: dict[str, tuple[Child, int]] = {}
@@ -213,8 +230,9 @@ class Mesh:
     def port(self, region: str) -> int:
         return self.servers[region].port
 
-    def config_path(self, region: str) -> Path:
-        return self.workdir / f"{region}.toml"
+    def config_path(self, region: str, process: int = 0) -> Path:
+        """Region file of one of the region's gateway processes (its own consumer name)."""
+        return self.workdir / (f"{region}.toml" if process == 0 else f"{region}-{process}.toml")
 
     def _start_servers(self) -> None:
         self.debug_populate = redis_server_version() >= (7,)
@@ -255,9 +273,17 @@ class Mesh:
         ports = {region: server.port for region, server in self.servers.items()}
         peer_ports = {region: port for region, (_, port) in self.proxies.items()} or ports
         for region in self.regions:
-            self.config_path(region).write_text(
-                region_toml(region, ports, batch_size=self.batch_size, peer_ports=peer_ports)
-            )
+            for process in range(self.processes):
+                self.config_path(region, process).write_text(
+                    region_toml(
+                        region,
+                        ports,
+                        batch_size=self.batch_size,
+                        peer_ports=peer_ports,
+                        partitions=self.partitions,
+                        consumer=f"bench-{process}",
+                    )
+                )
 
     def _debug_works(self) -> bool:
         try:
@@ -319,16 +345,19 @@ class Mesh:
         return children
 
     def start_gateways(self, *, profile_dir: Path | None = None) -> list[Child]:
-        """One gateway process per region; returns once every consumer group exists."""
+        """``processes`` gateway processes per region; returns once every consumer group exists
+        and (partitioned) the partitions' leases are spread evenly over the processes."""
         children = []
-        for region in self.regions:
-            argv = [sys.executable]
-            if profile_dir is not None:
-                profile = profile_dir / f"{self.workdir.name}-gateway-{region}.pstats"
-                argv += ["-m", "cProfile", "-o", str(profile)]
-            argv += ["-m", "invalgw", "--log-level", "warning", "run"]
-            argv += ["--config", str(self.config_path(region))]
-            children.append(self.spawn(f"gateway-{region}", argv))
+        for process in range(self.processes):
+            for region in self.regions:
+                name = f"gateway-{region}" + (f"-{process}" if process else "")
+                argv = [sys.executable]
+                if profile_dir is not None:
+                    profile = profile_dir / f"{self.workdir.name}-{name}.pstats"
+                    argv += ["-m", "cProfile", "-o", str(profile)]
+                argv += ["-m", "invalgw", "--log-level", "warning", "run"]
+                argv += ["--config", str(self.config_path(region, process))]
+                children.append(self.spawn(name, argv))
         self._wait_ready(children, self._gateway_ready)
         return children
 
@@ -347,12 +376,20 @@ class Mesh:
         return started
 
     def _gateway_ready(self, region: str) -> bool:
+        if self.partitions == 1:
+            return self._groups_ready(region, self.names, None) and self._leases_spread(region)
+        return all(
+            self._groups_ready(region, self.names.partition(p, self.partitions), p)
+            for p in range(self.partitions)
+        ) and self._leases_spread(region)
+
+    def _groups_ready(self, region: str, names: Names, partition: int | None) -> bool:
         client = self.clients[region]
         peers = [peer for peer in self.regions if peer != region]
         try:
-            local = {g["name"].decode() for g in client.xinfo_groups(STREAM)}
+            local = {g["name"].decode() for g in client.xinfo_groups(names.local_stream)}
             mirrors = [
-                {g["name"].decode() for g in client.xinfo_groups(self.names.mirror(peer))}
+                {g["name"].decode() for g in client.xinfo_groups(names.mirror(peer, partition))}
                 for peer in peers
             ]
         except redis.ResponseError:
@@ -360,11 +397,25 @@ class Mesh:
         wanted = {APPLY_GROUP, *(forward_group(peer) for peer in peers)}
         return wanted <= local and all(APPLY_GROUP in groups for groups in mirrors)
 
+    def _leases_spread(self, region: str) -> bool:
+        """With several processes: each holds its fair share of the partitions' leases."""
+        if self.processes == 1:
+            return True
+        keys = [self.names.partition(p, self.partitions).lease for p in range(self.partitions)]
+        holders: dict[bytes, int] = {}
+        for value in self.clients[region].mget(keys):
+            if not isinstance(value, bytes):
+                return False
+            holder = value.split()[0]
+            holders[holder] = holders.get(holder, 0) + 1
+        share = -(-self.partitions // self.processes)
+        return len(holders) == self.processes and max(holders.values()) <= share
+
     def _wait_ready(
         self, children: list[Child], ready: Callable[[str], bool], timeout_s: float = 60.0
     ) -> None:
         deadline = time.monotonic() + timeout_s
-        for region, child in zip(self.regions, children, strict=True):
+        for region, child in zip(self.regions * self.processes, children, strict=True):
             while not ready(region):
                 child.check_alive()
                 if time.monotonic() > deadline:

@@ -44,6 +44,11 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     """Paced: invalidations offered per second, and latency measured; None: as fast as possible."""
     delay_ms: float = 0.0
     """One-way delay on every link between regions (a loopback WAN proxy), in ms."""
+    partitions: int = 1
+    """``[streams] partitions`` of every region; the producer writes each entry to its
+    partition's stream (:func:`invalgw.proto.stream_for`)."""
+    processes: int = 1
+    """Gateway processes per region, sharing its partitions by lease (gateway only)."""
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True):
@@ -312,6 +317,46 @@ def check_targets(summaries: Sequence[Summary], scenarios: Sequence[Scenario]) -
         if summary is not None:
             targets += _latency_targets(summary, p50_max, p99_max)
     targets += _modest_rate_targets(ours, by_name)
+    targets += scaling_targets(ours)
+    return targets
+
+
+SCALING_TWO, SCALING_ONE = "scaling-p4x2", "scaling-p4x1"
+SCALING_P1, SCALING_P8 = "scaling-p1x1", "scaling-p8x1"
+MIN_TWO_PROCESS_RATIO = 1.5
+"""Target: a region's rate with 2 gateway processes / with 1 (P = 4)."""
+MAX_PARTITION_CPU_GROWTH = 1.15
+"""Target: the gateways' CPU per invalidation at P = 8 / at P = 1 (one process)."""
+
+
+def scaling_targets(ours: dict[str, Summary]) -> list[Target]:
+    """The scaling scenario's two figures, where the run has them: the rate with 2 processes
+    over the rate with 1, and the gateways' CPU per invalidation at P = 8 over P = 1."""
+    targets = []
+    one, two = ours.get(SCALING_ONE), ours.get(SCALING_TWO)
+    if one is not None and two is not None and one.rate > 0:
+        ratio = two.rate / one.rate
+        targets.append(
+            Target(
+                name=f"scaling: rate with 2 processes >= {MIN_TWO_PROCESS_RATIO:g}x 1 (P = 4)",
+                met=ratio >= MIN_TWO_PROCESS_RATIO,
+                detail=f"{ratio:.2f}x ({two.rate:,.0f}/s vs {one.rate:,.0f}/s)",
+            )
+        )
+    p1, p8 = ours.get(SCALING_P1), ours.get(SCALING_P8)
+    if p1 is not None and p8 is not None:
+        name = (
+            "scaling: gateway CPU per invalidation at P = 8 "
+            f"<= {MAX_PARTITION_CPU_GROWTH:g}x P = 1 (1 process)"
+        )
+        at_1, at_8 = p1.cpu_us.get(GATEWAY, 0.0), p8.cpu_us.get(GATEWAY, 0.0)
+        if at_1 > 0:
+            growth = at_8 / at_1
+            detail = f"{growth:.2f}x ({at_8:.1f} us vs {at_1:.1f} us)"
+            targets.append(Target(name=name, met=growth <= MAX_PARTITION_CPU_GROWTH, detail=detail))
+        else:  # CPU time is read in clock ticks (10 ms): a tiny run may show none
+            detail = "no CPU time measured at P = 1: too few invalidations (raise --n)"
+            targets.append(Target(name=name, met=False, detail=detail))
     return targets
 
 
