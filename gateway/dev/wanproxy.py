@@ -12,8 +12,9 @@ does while everything runs (from a test, or with ``invalgw wan-proxy-ctl`` again
 - ``refuse()``: the listening socket is closed, so new connections are refused (current ones stay);
 - ``heal()``: forward and accept again. The delay stays; ``set_delay(0)`` removes it.
 
-Each connection holds at most :data:`QUEUE_CHUNKS` chunks of :data:`CHUNK_BYTES` per direction;
-beyond that it stops reading, so a slow or blackholed side pushes back on the sender through TCP
+Each connection holds at most :data:`QUEUE_CHUNKS` + 2 chunks of :data:`CHUNK_BYTES` per
+direction (the queue, the chunk the writer holds and the one the reader waits to queue); beyond
+that it stops reading, so a slow or blackholed side pushes back on the sender through TCP
 instead of filling the proxy's memory. Nothing is buffered elsewhere in the proxy: it writes to
 raw non-blocking sockets, so what it wrote is in the kernel when a connection closes.
 """
