@@ -3,7 +3,9 @@
 Everything here comes from the regions' Redis servers, not from the gateways, so the table works
 with any gateway stopped: each region's ``<namespace>:status`` hash (written by its gateway), the
 consumer groups of each local stream (what is not yet delivered) and of each mirror stream (what
-is delivered but not yet applied), and the dead-letter and gap streams. ``invalgw demo`` shows it
+is delivered but not yet applied), and the dead-letter and gap streams; of a partitioned region,
+those of every partition (see :mod:`invalgw.ops.lagread`), summed per pair or, with
+``partitions``, a row per partition and its owner. ``invalgw demo`` shows it
 live; :func:`render_text` and :func:`render_json` are what a command-line view prints.
 """
 
