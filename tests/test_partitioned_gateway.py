@@ -8,8 +8,13 @@ is in the partition's slot, and eu-west receives one mirror stream per partition
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
+import anyio
 import msgspec
 import pytest
 import redis
@@ -22,7 +27,14 @@ from invalgw.names import APPLY_GROUP, Names, forward_group
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
 from tests.cluster import cluster_client, redis_cluster
-from tests.conftest import make_configs, metric, running, wait_gone, wait_until
+from tests.conftest import (
+    make_configs,
+    metric,
+    running,
+    wait_gone,
+    wait_until,
+    write_config,
+)
 from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
@@ -133,3 +145,73 @@ def test_a_clustered_stream_redis_needs_partitions(two_regions: dict[str, Region
     raw = {**msgspec.to_builtins(us_east), "streams": {"partitions": 1}}
     with pytest.raises(msgspec.ValidationError, match="needs \\[streams\\] partitions above 1"):
         msgspec.convert(raw, RegionConfig)
+
+
+async def lag(paths: list[Path], *args: str) -> tuple[int, str]:
+    argv = [sys.executable, "-m", "invalgw", "lag", *args]
+    for path in paths:
+        argv += ["--config", str(path)]
+    result = await anyio.run_process(argv, check=False)
+    assert result.returncode in (0, 1), result.stderr.decode()
+    return result.returncode, result.stdout.decode()
+
+
+def _pair(rows: list[dict[str, Any]], origin: str, region: str) -> list[dict[str, Any]]:
+    return [row for row in rows if (row["origin"], row["region"]) == (origin, region)]
+
+
+async def test_lag_shows_a_partitioned_region_per_pair_and_per_partition(
+    two_regions: dict[str, RegionConfig],
+    cluster: RedisCluster,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    paths = [write_config(tmp_path / f"{name}.toml", c) for name, c in two_regions.items()]
+    us_east = two_regions["us-east"]
+    keys = [f"{namespace}:lag:{n}" for n in range(24)]
+    producer = Invalidator(cluster, stream=us_east.streams.local, partitions=P)
+    snapshot: dict[str, Any] = {}
+    assert len({partition_of(key, P) for key in keys}) == P
+    async with running(two_regions):
+        for key in keys:  # an entry each, in its key's partition
+            await producer.invalidate(key)
+
+        async def every_row_ok() -> bool:
+            code, out = await lag(paths, "--json", "--partitions")
+            snapshot.update(json.loads(out))
+            rows = snapshot["links"] + snapshot["partitions"]
+            applied = sum(row["applied"] or 0 for row in _pair(snapshot["links"], *EAST_WEST))
+            return code == 0 and all(row["state"] == "ok" for row in rows) and applied == len(keys)
+
+        await wait_until(every_row_ok, seconds=30, interval=0.3, what="every row ok")
+        assert len(snapshot["links"]) == 4
+        for origin, region in (("us-east", "us-east"), EAST_WEST):
+            (pair,) = _pair(snapshot["links"], origin, region)
+            parts = _pair(snapshot["partitions"], origin, region)
+            assert [row["partition"] for row in parts] == list(range(P))
+            assert pair["applied"] == sum(row["applied"] for row in parts)
+            assert pair["backlog"] == 0
+            assert all(row["backlog"] == 0 for row in parts)
+            owners = {row["owner"] for row in parts}
+            assert len(owners) == 1
+            assert None not in owners
+        assert not _pair(snapshot["partitions"], "eu-west", "us-east")  # eu-west: one stream
+        assert await lag(paths, "--check", "--partitions") == (0, "")
+
+    # every gateway stopped: one entry written to one partition waits there, and is shown there
+    key = keys[0]
+    await producer.invalidate(key)
+    code, out = await lag(paths, "--json", "--partitions")
+    stopped = json.loads(out)
+    (pair,) = _pair(stopped["links"], *EAST_WEST)
+    assert pair["backlog"] == 1
+    waiting = [
+        row["partition"] for row in _pair(stopped["partitions"], *EAST_WEST) if row["backlog"]
+    ]
+    assert waiting == [partition_of(key, P)]
+    code, out = await lag(paths, "--check", "--fail-on", "backlog>0", "--partitions")
+    assert code == 1
+    assert f"us-east → eu-west partition {partition_of(key, P)}: backlog" in out
+
+
+EAST_WEST = ("us-east", "eu-west")

@@ -192,17 +192,3 @@ def test_check_names_streams_of_another_layout_that_hold_entries(
     assert "redis.cluster: the stream Redis is a Redis Cluster; set cluster = True" in (
         capsys.readouterr().out
     )
-
-
-def test_lag_says_it_does_not_show_partitioned_regions_yet(
-    configs: dict[str, RegionConfig],
-    cluster_nodes: list[RedisProcess],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    config = partitioned(configs["us-east"], f"redis://127.0.0.1:{cluster_nodes[0].port}/0")
-    path = write_config(tmp_path / "us-east.toml", config)
-    assert cli.main(["lag", "--config", str(path)]) == 2
-    assert "us-east: partitioned streams are not shown by invalgw lag yet" in (
-        capsys.readouterr().err
-    )

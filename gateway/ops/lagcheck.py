@@ -76,21 +76,30 @@ def parse_conditions(text: str) -> tuple[Condition, ...]:
 class Problem(msgspec.Struct, kw_only=True):
     origin: str
     region: str
+    partition: int | None = None
+    """Set on a problem of one partition of the origin's stream (``--partitions``)."""
     state: str
     reasons: list[str]
 
     def line(self) -> str:
-        return f"{self.origin} → {self.region}: {'; '.join(self.reasons)}"
+        where = "" if self.partition is None else f" partition {self.partition}"
+        return f"{self.origin} → {self.region}{where}: {'; '.join(self.reasons)}"
 
 
 def problems(snapshot: Snapshot, conditions: Sequence[Condition]) -> list[Problem]:
     """Every pair of ``snapshot`` for which a condition holds, with the reasons."""
     found = []
-    for row in snapshot.links:
+    for row in snapshot.links + snapshot.partitions:
         reasons = [reason for c in conditions if (reason := c.holds(row)) is not None]
         if reasons:
             found.append(
-                Problem(origin=row.origin, region=row.region, state=row.state, reasons=reasons)
+                Problem(
+                    origin=row.origin,
+                    region=row.region,
+                    partition=row.partition,
+                    state=row.state,
+                    reasons=reasons,
+                )
             )
     return found
 

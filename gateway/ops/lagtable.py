@@ -3,7 +3,9 @@
 Everything here comes from the regions' Redis servers, not from the gateways, so the table works
 with any gateway stopped: each region's ``<namespace>:status`` hash (written by its gateway), the
 consumer groups of each local stream (what is not yet delivered) and of each mirror stream (what
-is delivered but not yet applied), and the dead-letter and gap streams. ``invalgw demo`` shows it
+is delivered but not yet applied), and the dead-letter and gap streams; of a partitioned region,
+those of every partition (see :mod:`invalgw.ops.lagread`), summed per pair or, with
+``partitions``, a row per partition and its owner. ``invalgw demo`` shows it
 live; :func:`render_text` and :func:`render_json` are what a command-line view prints.
 """
 
@@ -13,18 +15,18 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import msgspec
 import redis
+from redis.asyncio.cluster import RedisCluster
 
 from invalgw.config import RedisEndpoint, RegionConfig
-from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect
-from invalgw.lag import LinkStatus, status_decoder
+from invalgw.connections import REDIS_ERRORS, AsyncRedis, close, connect_cache
+from invalgw.lag import LinkStatus
 from invalgw.names import APPLY_GROUP, Names, forward_group
-from invalgw.trim import GroupPosition, StreamState, unread
+from invalgw.ops.lagread import MirrorPlace, RegionReading, mirror_places, read_region
 
 STALE_MS = 3000.0
 """A region whose gateway has not written its status for this long is not running."""
@@ -60,6 +62,12 @@ class LinkRow(msgspec.Struct, kw_only=True):
     """How long ago region's gateway last wrote its status."""
     last_id: str | None = None
     """Origin stream ID of the last invalidation applied in region."""
+    partition: int | None = None
+    """On a row of one partition: the origin's partition (None on a pair's row, which sums or
+    takes the worst of its partitions)."""
+    owner: str | None = None
+    """On a row of one partition: the gateway process (consumer name) holding the lease of the
+    region's partition that applies it."""
 
 
 class RegionRow(msgspec.Struct, kw_only=True):
@@ -80,6 +88,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     """Unix time of the snapshot (this host's clock)."""
     links: list[LinkRow]
     regions: list[RegionRow]
+    partitions: list[LinkRow] = []
+    """With ``partitions=True``: a row per partition of every pair whose origin is partitioned."""
 
 
 @dataclass(frozen=True)
@@ -90,30 +100,23 @@ class RegionTarget:
     endpoint: RedisEndpoint
     names: Names
     peers: tuple[str, ...]
+    partitions: int = 1
+    mirrors: tuple[MirrorPlace, ...] = ()
+    """The mirror streams the region applies (one per partition of a partitioned peer)."""
 
     @classmethod
     def from_config(cls, config: RegionConfig) -> RegionTarget:
+        count = config.streams.partitions
         return cls(
             name=config.region,
             endpoint=config.redis,
             names=Names(config.streams.namespace, config.streams.local),
             peers=tuple(peer.name for peer in config.peers),
+            partitions=count,
+            mirrors=tuple(
+                mirror_places([(peer.name, peer.partitions) for peer in config.peers], count)
+            ),
         )
-
-
-@dataclass
-class _RegionReading:
-    """One region's raw replies from one round trip."""
-
-    now_ms: float
-    statuses: dict[str, LinkStatus]
-    local_groups: dict[str, int | None]
-    mirror_backlogs: dict[str, int | None]
-    """Per origin: envelopes in its mirror stream here not yet applied."""
-    entries_added: int | None
-    stream_length: int
-    dead_letters: int
-    gaps: int
 
 
 @dataclass
@@ -141,15 +144,19 @@ class LagCollector:
 
     TIMEOUT_MS = 1000
 
-    def __init__(self, targets: Sequence[RegionTarget]) -> None:
+    def __init__(self, targets: Sequence[RegionTarget], *, partitions: bool = False) -> None:
         self.targets = list(targets)
-        self._clients: dict[str, AsyncRedis] = {}
+        self.partitions = partitions
+        """Add a row per partition (:attr:`Snapshot.partitions`)."""
+        self._clients: dict[str, AsyncRedis | RedisCluster] = {}
         self._history = _History()
-        self._previous: dict[tuple[str, str], LinkRow] = {}
+        self._previous: dict[tuple[str, str, int | None], LinkRow] = {}
 
     @classmethod
-    def from_configs(cls, configs: Sequence[RegionConfig]) -> LagCollector:
-        return cls([RegionTarget.from_config(config) for config in configs])
+    def from_configs(
+        cls, configs: Sequence[RegionConfig], *, partitions: bool = False
+    ) -> LagCollector:
+        return cls([RegionTarget.from_config(config) for config in configs], partitions=partitions)
 
     async def __aenter__(self) -> LagCollector:
         return self
@@ -162,7 +169,7 @@ class LagCollector:
             await close(client)
         self._clients.clear()
 
-    def _client(self, target: RegionTarget) -> AsyncRedis:
+    def _client(self, target: RegionTarget) -> AsyncRedis | RedisCluster:
         if target.name not in self._clients:
             # A table that refreshes every second must not hang on a dead region: short
             # timeouts, no retries; the next refresh is the retry.
@@ -172,15 +179,19 @@ class LagCollector:
                 connect_timeout_ms=min(target.endpoint.connect_timeout_ms, self.TIMEOUT_MS),
                 retries=0,
             )
-            self._clients[target.name] = connect(endpoint, name=f"invalgw:{target.name}:lag")
+            name = f"invalgw:{target.name}:lag"
+            self._clients[target.name] = connect_cache(endpoint, name=name)
         return self._clients[target.name]
 
     async def collect(self) -> Snapshot:
-        readings: dict[str, _RegionReading | Exception] = {}
+        readings: dict[str, RegionReading | Exception] = {}
 
         async def read(target: RegionTarget) -> None:
+            client = self._client(target)
             try:
-                readings[target.name] = await _read_region(self._client(target), target)
+                readings[target.name] = await read_region(
+                    client, target.names, target.partitions, target.mirrors
+                )
             except REDIS_ERRORS as exc:
                 readings[target.name] = exc
 
@@ -196,15 +207,22 @@ class LagCollector:
             for origin in self.targets
             for region in self._receivers(origin)
         ]
-        self._previous = {(row.origin, row.region): row for row in links}
-        return Snapshot(taken_at=now, links=links, regions=regions)
+        parts = [
+            self._link_row(origin, region, readings, rates, partition=p)
+            for origin in self.targets
+            if self.partitions and origin.partitions > 1
+            for region in self._receivers(origin)
+            for p in range(origin.partitions)
+        ]
+        self._previous = {(row.origin, row.region, row.partition): row for row in links + parts}
+        return Snapshot(taken_at=now, links=links, regions=regions, partitions=parts)
 
     def _receivers(self, origin: RegionTarget) -> list[RegionTarget]:
         """The region itself first, then the peers it forwards to, in target order."""
         return [origin] + [t for t in self.targets if t.name in origin.peers]
 
     def _region_row(
-        self, target: RegionTarget, reading: _RegionReading | Exception, rates: dict[str, float]
+        self, target: RegionTarget, reading: RegionReading | Exception, rates: dict[str, float]
     ) -> RegionRow:
         address = _address(target.endpoint.url)
         if isinstance(reading, Exception):
@@ -225,35 +243,73 @@ class LagCollector:
         self,
         origin: RegionTarget,
         region: RegionTarget,
-        readings: Mapping[str, _RegionReading | Exception],
+        readings: Mapping[str, RegionReading | Exception],
         rates: dict[str, float],
+        *,
+        partition: int | None = None,
     ) -> LinkRow:
+        """The row of a pair (summed or worst over its partitions), or of one of its origin's
+        partitions."""
         local = origin.name == region.name
-        row = LinkRow(origin=origin.name, region=region.name, state="")
+        row = LinkRow(origin=origin.name, region=region.name, state="", partition=partition)
         source = readings[origin.name]
+        group = APPLY_GROUP if local else forward_group(region.name)
         if not isinstance(source, Exception):
-            group = APPLY_GROUP if local else forward_group(region.name)
-            # a group the gateway has not created yet has the whole stream ahead of it
-            row.backlog = source.local_groups.get(group, source.stream_length)
+            if partition is None:
+                row.backlog = source.backlog(group)
+            elif partition < len(source.parts):
+                part = source.parts[partition]
+                row.backlog = part.groups.get(group, part.stream_length)
         reading = readings[region.name]
+        key = f"{origin.name}:{region.name}" + ("" if partition is None else f":{partition}")
         if isinstance(reading, Exception):
             row.state = "unknown"  # the region's Redis did not answer
             return row
-        if not local:
-            row.mirror_backlog = reading.mirror_backlogs.get(origin.name)
-        status = reading.statuses.get(origin.name)
-        if status is not None:
-            row.applied = status.applied
-            row.applied_per_s = rates.get(f"applied:{origin.name}:{region.name}")
-            row.lag_p50_ms, row.lag_p99_ms = status.lag_p50_ms, status.lag_p99_ms
-            row.last_id = status.last_id
-            if status.updated_ms:
-                row.status_age_ms = max(0.0, reading.now_ms - status.updated_ms)
-            if status.heartbeat_ms and not local:
-                origin_now_ms = reading.now_ms + status.origin_clock_offset_ms
-                row.heartbeat_age_ms = max(0.0, origin_now_ms - status.heartbeat_ms)
-        row.state = link_state(row, self._previous.get((origin.name, region.name)))
+        if partition is None:
+            statuses = reading.statuses.get(origin.name, [])
+            row.mirror_backlog = None if local else reading.mirror_backlog(origin.name)
+        elif local:
+            part = reading.parts[partition]
+            statuses, row.owner = _present(part.statuses.get(origin.name)), part.owner
+        else:
+            statuses = []
+            for mirror in reading.mirrors:
+                if (mirror.place.origin, mirror.place.partition) == (origin.name, partition):
+                    statuses, row.owner = _present(mirror.status), mirror.owner
+                    row.mirror_backlog = mirror.backlog
+        if statuses:
+            row.applied_per_s = rates.get(f"applied:{key}")
+            _fill_status(row, statuses, reading.now_ms, local=local)
+        row.state = link_state(row, self._previous.get((origin.name, region.name, partition)))
         return row
+
+
+def _present(status: LinkStatus | None) -> list[LinkStatus]:
+    return [] if status is None else [status]
+
+
+def _fill_status(row: LinkRow, statuses: list[LinkStatus], now_ms: float, *, local: bool) -> None:
+    """What the region's gateway reported, over one or more partitions: applied summed, lag the
+    worst partition's, status and heartbeat ages the oldest."""
+    row.applied = sum(status.applied for status in statuses)
+    p50 = [s.lag_p50_ms for s in statuses if s.lag_p50_ms is not None]
+    p99 = [s.lag_p99_ms for s in statuses if s.lag_p99_ms is not None]
+    row.lag_p50_ms, row.lag_p99_ms = max(p50, default=None), max(p99, default=None)
+    row.last_id = max((s.last_id for s in statuses), key=_id_order)
+    updated = [s.updated_ms for s in statuses if s.updated_ms]
+    if updated:
+        row.status_age_ms = max(0.0, now_ms - min(updated))
+    beats = [now_ms + s.origin_clock_offset_ms - s.heartbeat_ms for s in statuses if s.heartbeat_ms]
+    if beats and not local:
+        row.heartbeat_age_ms = max(0.0, max(beats))
+
+
+def _id_order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
 
 
 def link_state(row: LinkRow, previous: LinkRow | None) -> str:
@@ -287,79 +343,25 @@ def link_state(row: LinkRow, previous: LinkRow | None) -> str:
     return "ok"
 
 
-async def _read_region(client: AsyncRedis, target: RegionTarget) -> _RegionReading:
-    names = target.names
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.time()
-        pipe.hgetall(names.status)
-        pipe.xinfo_groups(names.local_stream)
-        pipe.xinfo_stream(names.local_stream)
-        pipe.xlen(names.dead_letters)
-        pipe.xlen(names.gaps)
-        for peer in target.peers:
-            pipe.xinfo_groups(names.mirror(peer))
-            pipe.xinfo_stream(names.mirror(peer))
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-    (server_time, raw_statuses, local_groups, stream_info, dead, gaps, *mirrors) = replies
-    for reply in (server_time, raw_statuses, dead, gaps):
-        if isinstance(reply, Exception):
-            raise reply
-    statuses: dict[str, LinkStatus] = {}
-    for origin, raw in raw_statuses.items():
-        try:
-            statuses[origin.decode()] = status_decoder.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            continue
-    mirror_backlogs: dict[str, int | None] = {}
-    for i, peer in enumerate(target.peers):
-        groups, mirror_info = mirrors[2 * i : 2 * i + 2]
-        length = int(mirror_info["length"]) if isinstance(mirror_info, dict) else 0
-        mirror_backlogs[peer] = _backlogs(groups, mirror_info).get(APPLY_GROUP, length)
-    info = stream_info if isinstance(stream_info, dict) else {}
-    seconds, micros = server_time
-    return _RegionReading(
-        now_ms=seconds * 1000 + micros / 1000,
-        statuses=statuses,
-        local_groups=_backlogs(local_groups, stream_info),
-        mirror_backlogs=mirror_backlogs,
-        entries_added=info.get("entries-added"),
-        stream_length=int(info.get("length", 0)),
-        dead_letters=int(dead),
-        gaps=int(gaps),
-    )
-
-
-def _backlogs(groups: Any, stream_info: Any) -> dict[str, int | None]:
-    """Group name → entries not yet acknowledged (pending + not yet read), from stream IDs
-    (:func:`invalgw.trim.unread`), not ``XINFO GROUPS`` lag, which Redis 7.0 leaves wrong after
-    an AOF rewrite and restart.
-
-    ``None`` when only a count could tell how many entries are left to read.
-    """
-    if isinstance(groups, redis.ResponseError):
-        return {}  # no such stream yet
-    if isinstance(groups, Exception):
-        raise groups
-    if not isinstance(stream_info, dict):
-        return {}
-    state = StreamState.parse(stream_info)
-    backlogs: dict[str, int | None] = {}
-    for raw in groups:
-        group = GroupPosition.parse(raw)
-        left = unread(group, state)
-        backlogs[group.name] = None if left is None else group.pending + left
-    return backlogs
-
-
-def _counters(readings: Mapping[str, _RegionReading | Exception]) -> dict[str, int]:
+def _counters(readings: Mapping[str, RegionReading | Exception]) -> dict[str, int]:
     counters: dict[str, int] = {}
     for region, reading in readings.items():
         if isinstance(reading, Exception):
             continue
         if reading.entries_added is not None:
             counters[f"written:{region}"] = reading.entries_added
-        for origin, status in reading.statuses.items():
-            counters[f"applied:{origin}:{region}"] = status.applied
+        for origin, statuses in reading.statuses.items():
+            counters[f"applied:{origin}:{region}"] = sum(s.applied for s in statuses)
+        for part in reading.parts:
+            status = part.statuses.get(region)
+            if part.partition is not None and status is not None:
+                counters[f"applied:{region}:{region}:{part.partition}"] = status.applied
+        for mirror in reading.mirrors:
+            place = mirror.place
+            if place.partition is not None and mirror.status is not None:
+                counters[f"applied:{place.origin}:{region}:{place.partition}"] = (
+                    mirror.status.applied
+                )
     return counters
 
 
@@ -428,12 +430,19 @@ def render_text(
     With ``width``, optional columns are left out if the lines would be wider.
     ``region_columns`` adds columns to the per-region table, after REGION.
     """
+    owners = bool(snapshot.partitions)
     link_rows: list[list[str] | None] = []
     for i, row in enumerate(snapshot.links):
         if i and row.origin != snapshot.links[i - 1].origin:
             link_rows.append(None)  # a blank line between origins
-        link_rows.append(_link_cells(row))
-    lines = _table(LINK_COLUMNS, link_rows, color=color, width=width, state_column=1)
+        link_rows.append(_link_cells(row) + ([""] if owners else []))
+        link_rows.extend(  # its partitions under it, with their owners
+            [*_link_cells(part), part.owner or DASH]
+            for part in snapshot.partitions
+            if (part.origin, part.region) == (row.origin, row.region)
+        )
+    link_columns = LINK_COLUMNS + ((Column("OWNER", "<"),) if owners else ())
+    lines = _table(link_columns, link_rows, color=color, width=width, state_column=1)
     columns = (Column("REGION", "<"), *(column for column, _ in region_columns), *REGION_COLUMNS)
     region_rows: list[list[str] | None] = []
     for region in snapshot.regions:
@@ -467,8 +476,9 @@ def _error(reading: Exception) -> str | None:
 def _link_cells(row: LinkRow) -> list[str]:
     local = row.origin == row.region
     stale = row.state in ("stale", "unknown")
+    pair = f"{row.origin} → {row.region}"
     return [
-        f"{row.origin} → {row.region}",
+        pair if row.partition is None else f"  partition {row.partition}",
         row.state,
         _rate(row.applied_per_s),
         DASH if stale else _duration(row.lag_p50_ms),
