@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 import redis
 
-from invalgw.cache import UNLINK_CHUNK, Cache, queue_unlink
+from invalgw.cache import UNLINK_CHUNK, Cache
 from invalgw.clock import ServerClock
 from invalgw.conflate import conflate
 from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Key, Plan, plan_batch
 from invalgw.epoch import Epoch
 from invalgw.feed import Feed
+from invalgw.functions import ACK, Fence, call_fenced
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
@@ -63,6 +64,9 @@ class ApplyContext:
     scanner: Scanner
     tracer: InvalidationTracer
     status_key: str
+    fence: Fence | None
+    """The lease acknowledgements are conditional on (None: a mirror stream on another node of
+    a Redis Cluster than the lease; acknowledging what was applied is true whoever says it)."""
 
 
 Done = Callable[[], Awaitable[None]]
@@ -125,7 +129,9 @@ async def apply_and_ack(
         work.held = set(work.walks)
         acked = [entry_id for entry_id in work.ids if entry_id not in work.held]
         work.acking = True
-        return await ack_with_status(reader, acked, ctx.status_key, status, unlink=plan.unlink)
+        return await ack_with_status(
+            reader, acked, ctx.status_key, status, fence=ctx.fence, unlink=plan.unlink
+        )
     removed, failed = await ctx.cache.apply_parts(plan)
     waiting = _entries_waiting(work, failed)
     if waiting and not ctx.retries.has_room(len(failed.keys())):
@@ -138,7 +144,7 @@ async def apply_and_ack(
     work.held = work.walks.keys() | waiting
     acked = [entry_id for entry_id in work.ids if entry_id not in work.held]
     work.acking = True
-    await ack_with_status(reader, acked, ctx.status_key, status)
+    await ack_with_status(reader, acked, ctx.status_key, status, fence=ctx.fence)
     return removed
 
 
@@ -284,21 +290,24 @@ async def ack_with_status(
     status_key: str,
     status: LinkStatus,
     *,
+    fence: Fence | None,
     unlink: Sequence[Key] = (),
 ) -> int:
-    """Acknowledge ``ids`` and save ``status`` in one transaction, so both survive a crash.
+    """Acknowledge ``ids`` and save ``status`` in one call, so both survive a crash; refused
+    (``FENCED``) if ``fence``'s lease is no longer this gateway's.
 
-    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
-    and its acknowledgement take one round trip and land together or not at all. Returns how
-    many of them existed. Keep them few: the transaction holds the Redis while it runs.
+    ``unlink``: keys of the same Redis to remove first, in the same call, so the effect and its
+    acknowledgement take one round trip and land together. Returns how many of them existed.
+    Keep them few: the call holds the Redis while it runs.
 
     ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
     of the cache end, and its status is saved now.
     """
-    async with reader.client.pipeline(transaction=True) as pipe:
-        unlinks = queue_unlink(pipe, unlink)
-        if ids:
-            pipe.xack(reader.stream, reader.group, *ids)
-        pipe.hset(status_key, status.origin, status_encoder.encode(status))
-        results = await pipe.execute()
-    return sum(results[:unlinks])
+    removed = await call_fenced(
+        reader.client,
+        ACK,
+        fence,
+        [reader.stream, status_key, *unlink],
+        [reader.group, status.origin, status_encoder.encode(status), *ids],
+    )
+    return int(removed)

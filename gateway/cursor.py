@@ -18,7 +18,7 @@ import redis
 from prometheus_client import Counter
 
 from invalgw.connections import AsyncRedis
-from invalgw.functions import CLEAR_GAP, function_missing, load_library
+from invalgw.functions import SAVE_CURSOR, Fence, call_fenced
 from invalgw.proto import StreamId
 from invalgw.proto.streamid import ZERO
 from invalgw.read import GroupReader
@@ -40,6 +40,7 @@ class SenderCursor:
         reader: GroupReader,
         local: AsyncRedis,
         link_key: str,
+        fence: Fence | None,
         reclaimed: Counter,
         on_lost: Callable[[list[bytes]], Awaitable[None]],
     ) -> None:
@@ -47,6 +48,8 @@ class SenderCursor:
         self.reader = reader
         self.local = local
         self.link_key = link_key
+        self.fence = fence
+        """The lease the cursor moves are conditional on (see :mod:`invalgw.functions`)."""
         self._reclaimed = reclaimed
         self._on_lost = on_lost
         self.position = ZERO
@@ -125,18 +128,13 @@ class SenderCursor:
         cursor = max(cursor, self.position)
         entries_read = self.entries_read + count if cursor > self.position else self.entries_read
         passed = [i for i in self._claimed if StreamId.parse(i) <= cursor] if self._claimed else []
-        for attempt in range(2):
-            results = await self._write(state, gap, cursor, entries_read, [*ack, *passed])
-            errors = [r for r in results if isinstance(r, redis.ResponseError)]
-            if any(_group_lost(error) for error in errors):
-                await self.recreate()
-                return False
-            if attempt == 0 and any(function_missing(error) for error in errors):
-                await load_library(self.local)  # the local Redis restarted since the start
-                continue
-            if errors:
-                raise errors[0]
-            break
+        try:
+            await self._write(state, gap, cursor, entries_read, [*ack, *passed])
+        except redis.ResponseError as exc:
+            if not _group_lost(exc):
+                raise
+            await self.recreate()
+            return False
         self.position, self.entries_read = cursor, entries_read
         if passed:
             done = set(passed)
@@ -151,18 +149,23 @@ class SenderCursor:
         cursor: StreamId,
         entries_read: int,
         ack: Sequence[bytes],
-    ) -> list[Any]:
-        stream, group = self.reader.stream, self.reader.group
-        async with self.local.pipeline(transaction=False) as pipe:
-            pipe.hset(self.link_key, mapping=state)  # type: ignore[arg-type]
-            if gap:
-                # Only the gap just delivered: one noted meanwhile (by trimming) must stay.
-                pipe.fcall(CLEAR_GAP, 1, self.link_key, *gap)
-            pipe.xgroup_setid(stream, group, str(cursor), entries_read=entries_read)
-            if ack:
-                pipe.xack(stream, group, *ack)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+    ) -> None:
+        fields = [item for pair in state.items() for item in pair]
+        await call_fenced(
+            self.local,
+            SAVE_CURSOR,
+            self.fence,
+            [self.reader.stream, self.link_key],
+            [
+                self.reader.group,
+                str(cursor),
+                entries_read,
+                *(gap or ("", "")),  # only the gap just delivered: one noted meanwhile stays
+                len(state),
+                *fields,
+                *ack,
+            ],
+        )
 
     async def recreate(self) -> None:
         """The group is gone: create it again from the stream's start, counted (the reader's hook

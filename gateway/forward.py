@@ -38,6 +38,7 @@ from invalgw.connections import REDIS_ERRORS, AsyncRedis
 from invalgw.cursor import SenderCursor
 from invalgw.epoch import Epoch
 from invalgw.feed import FedBatch, Feed, Subscription
+from invalgw.functions import Fence
 from invalgw.metrics import Metrics
 from invalgw.names import Names
 from invalgw.proto import Batch, Heartbeat, Invalidation, Limits, StreamId, encode_envelope
@@ -102,6 +103,7 @@ class Forwarder:
         drain: Drain,
         tracer: InvalidationTracer,
         feed: Feed | None = None,
+        fence: Fence | None = None,
         feed_bound: int = FEED_BOUND,
         window: int = 16,
         claim_interval_ms: int = 15_000,
@@ -145,6 +147,7 @@ class Forwarder:
             reader=reader,
             local=local,
             link_key=self._link_key,
+            fence=fence,
             reclaimed=metrics.reclaimed.labels(region, self.name),
             on_lost=self.entries_lost,
         )

@@ -18,9 +18,28 @@ Answers ``{'ok'|'duplicate'|'behind', last origin ID held}``.
 
 ``invalgw_clear_gap`` (key: the sender's link state; args: the gap delivered) forgets a gap the
 peer was told of, unless another one was noted meanwhile.
+
+The gateway's own writes that move a stream's progress go through two more functions, fenced by
+the lease of the stream (or partition): each first checks that the lease key (``KEYS[1]``) still
+holds this gateway's ``<consumer> <token>`` (``ARGV[1]``) and otherwise does nothing and answers
+an error starting ``FENCED``. A gateway that stalled past its lease (a long pause, a partition
+from its Redis) and comes back with a batch in hand cannot acknowledge it, overwrite the status
+or move a cursor back once another gateway took the lease over. An empty ``ARGV[1]`` skips the
+check (a mirror stream on another node of a Redis Cluster than the lease: see
+:class:`invalgw.apply.ApplyContext`).
+
+- ``invalgw_ack`` (keys: lease, stream, status hash, keys to unlink first; args: holder, group,
+  status field, status, IDs to acknowledge) answers how many of the keys existed.
+- ``invalgw_cursor`` (keys: lease, stream, link state; args: holder, group, cursor ID, entries
+  read, delivered gap's after and upto IDs or empty, number of link state fields, the fields and
+  values, IDs to acknowledge) saves a sender's link state and moves its cursor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -29,6 +48,10 @@ from invalgw.connections import AsyncRedis
 LIBRARY = "invalgw"
 APPEND = "invalgw_append"
 CLEAR_GAP = "invalgw_clear_gap"
+ACK = "invalgw_ack"
+SAVE_CURSOR = "invalgw_cursor"
+FENCED = "FENCED"
+"""How a fenced function's refusal starts: the lease is another gateway's now."""
 
 SOURCE = """#!lua name=invalgw
 local function parse(id)
@@ -68,8 +91,54 @@ local function clear_gap(keys, args)
   return 0
 end
 
+local function refused(keys, args)
+  if args[1] ~= '' and redis.call('GET', keys[1]) ~= args[1] then
+    return redis.error_reply(
+      'FENCED the lease ' .. keys[1] .. ' is held by another gateway, or expired')
+  end
+  return false
+end
+
+-- Calls command(fixed..., items[first..last]) in slices the Lua stack can hold.
+local function in_slices(command, fixed, items, first)
+  local total = 0
+  for i = first, #items, 1000 do
+    local call = {command}
+    for _, arg in ipairs(fixed) do call[#call + 1] = arg end
+    for j = i, math.min(i + 999, #items) do call[#call + 1] = items[j] end
+    total = total + redis.call(unpack(call))
+  end
+  return total
+end
+
+local function ack(keys, args)
+  local refusal = refused(keys, args)
+  if refusal then return refusal end
+  local removed = in_slices('UNLINK', {}, keys, 4)
+  in_slices('XACK', {keys[2], args[2]}, args, 5)
+  redis.call('HSET', keys[3], args[3], args[4])
+  return removed
+end
+
+local function save_cursor(keys, args)
+  local refusal = refused(keys, args)
+  if refusal then return refusal end
+  local last_field = 7 + 2 * tonumber(args[7])
+  if last_field > 7 then
+    redis.call('HSET', keys[3], unpack(args, 8, last_field))
+  end
+  if args[5] ~= '' then
+    clear_gap({keys[3]}, {args[5], args[6]})
+  end
+  redis.call('XGROUP', 'SETID', keys[2], args[2], args[3], 'ENTRIESREAD', args[4])
+  in_slices('XACK', {keys[2], args[2]}, args, last_field + 1)
+  return 1
+end
+
 redis.register_function('invalgw_append', append)
 redis.register_function('invalgw_clear_gap', clear_gap)
+redis.register_function('invalgw_ack', ack)
+redis.register_function('invalgw_cursor', save_cursor)
 """
 
 
@@ -81,3 +150,32 @@ async def load_library(client: AsyncRedis) -> None:
 def function_missing(exc: redis.ResponseError) -> bool:
     """The Redis answered that it has no such function (the library is not loaded there)."""
     return "function not found" in str(exc).lower()
+
+
+def is_fenced(exc: redis.ResponseError) -> bool:
+    """The Redis refused a fenced write: the lease is another gateway's now (or expired)."""
+    return str(exc).startswith(FENCED)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a gateway's progress writes are conditional on: ``key`` must hold ``holder``."""
+
+    key: str
+    holder: str
+
+
+async def call_fenced(
+    client: AsyncRedis, function: str, fence: Fence | None, keys: Sequence[Any], args: Sequence[Any]
+) -> Any:
+    """``FCALL function`` with the fence's lease key and holder first (unchecked without one),
+    loading the library first if the Redis lost it (restarted since the start)."""
+    keys = [fence.key if fence else keys[0], *keys]
+    args = [fence.holder if fence else "", *args]
+    try:
+        return await client.fcall(function, len(keys), *keys, *args)
+    except redis.ResponseError as exc:
+        if not function_missing(exc):
+            raise
+    await load_library(client)
+    return await client.fcall(function, len(keys), *keys, *args)

@@ -286,6 +286,15 @@ class Metrics:
             ["region"],
             registry=r,
         )
+        self.fenced = Counter(
+            "invalgw_fenced_writes",
+            "Acknowledgements and cursor moves the region's Redis refused because the lease of "
+            "their stream (or partition) is another gateway's now: this one stalled past it and "
+            "stops at its next renewal.",
+            ["region"],
+            registry=r,
+        )
+        self.fenced.labels(region)
         self.partitions_owned = Gauge(
             "invalgw_partitions_owned",
             "Partitions of the region's stream this gateway process holds the lease of and runs "

@@ -55,6 +55,7 @@ def build_pipeline(region: Region) -> Pipeline:
         scanner=region.scanner,
         tracer=region.tracer,
         status_key=names.status,
+        fence=region.fence,
     )
     local = LocalApplier(
         ctx,
@@ -96,6 +97,7 @@ def build_pipeline(region: Region) -> Pipeline:
             drain=region.drain,
             tracer=region.tracer,
             feed=feed,
+            fence=region.fence,
             feed_bound=config.gateway.feed_batches,
             window=config.gateway.window_batches,
             claim_interval_ms=config.gateway.claim_interval_ms,
@@ -121,7 +123,12 @@ def _mirror_stage(
         name += f":{source.partition}"
     reader = _reader(region, source.stream, APPLY_GROUP, name, client=source.reads)
     mirror = MirrorApplier(
-        replace(ctx, status_key=source.status_key),
+        # on a Redis Cluster the mirror's slot is not the lease's
+        replace(
+            ctx,
+            status_key=source.status_key,
+            fence=None if region.config.redis.cluster else ctx.fence,
+        ),
         origin=source.origin,
         reader=reader,
         origin_clock=region.peer_clocks[source.origin],

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+import redis
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio.cluster import RedisCluster
 
@@ -24,7 +25,7 @@ from invalgw.connections import AsyncRedis, Connector, close, connect_cache, cou
 from invalgw.deadletter import REASONS as DEAD_LETTER_REASONS
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
-from invalgw.functions import load_library
+from invalgw.functions import Fence, is_fenced, load_library
 from invalgw.gaps import Gaps
 from invalgw.lag import LinkStatus, status_decoder
 from invalgw.metrics import Metrics
@@ -90,6 +91,9 @@ class Region:
     process runs, so ``invalgw_backlog_entries`` is their sum."""
     route: Route | None = None
     peer_route: Callable[[str, str], AsyncRedis] | None = None
+    fence: Fence | None = None
+    """The lease this region's (or partition's) progress writes are conditional on: set once
+    this process holds it."""
     """(peer, key) → a client of the node serving ``key`` in the peer's Redis Cluster (or the
     peer's client)."""
 
@@ -157,7 +161,14 @@ class Region:
         """An error counter for ``stage``: a forwarder's errors count against its peer."""
         target = stage[3:] if stage.startswith("to:") else self.name
         counter = self.metrics.redis_errors.labels(self.name, target)
-        return lambda _exc: counter.inc()
+        fenced = self.metrics.fenced.labels(self.name)
+
+        def count(exc: Exception) -> None:
+            counter.inc()
+            if isinstance(exc, redis.ResponseError) and is_fenced(exc):
+                fenced.inc()
+
+        return count
 
     async def prepare(self) -> None:
         """What every stage needs from the region's Redis before it starts."""

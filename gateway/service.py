@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from functools import partial
 
 import anyio
@@ -26,6 +27,7 @@ from invalgw.config import RedisEndpoint, RegionConfig, redact
 from invalgw.connections import REDIS_ERRORS, Connector, cluster_nodes, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
+from invalgw.functions import Fence
 from invalgw.health import Health, health_app, serve_http
 from invalgw.housekeeping import Chores
 from invalgw.lease import RegionLease
@@ -217,6 +219,7 @@ class Gateway:
         task_status: anyio.abc.TaskStatus[None],
     ) -> None:
         """Run the stages of every partition (the region's, when not partitioned)."""
+        parts = [replace(part, fence=Fence(part.names.lease, lease.value)) for part in parts]
         pipelines = [build_pipeline(part) for part in parts]
         self.forwarders = pipelines[0].forwarders
         chores = [Chores(part, pipeline) for part, pipeline in zip(parts, pipelines, strict=True)]

@@ -16,6 +16,7 @@ import anyio
 import anyio.abc
 
 from invalgw.connections import REDIS_ERRORS
+from invalgw.functions import Fence
 from invalgw.housekeeping import Chores
 from invalgw.partlease import Lease, PartitionLeases
 from invalgw.pipeline import build_pipeline
@@ -113,7 +114,8 @@ class Sharing:
         log.info("%s: stopped partition %d", self.region.name, p)
 
     async def _run_partition(self, p: int, running: Running) -> None:
-        part = replace(self.parts[p], drain=running.drain)
+        lease = Fence(self.parts[p].names.lease, self.leases.value)
+        part = replace(self.parts[p], drain=running.drain, fence=lease)
         try:
             with running.scope:
                 ready = await until_ok(

@@ -194,7 +194,8 @@ async def test_resent_batch_is_recognised_as_duplicate(
             await wait_until(caught_up, what="us-east to have re-sent everything to eu-west")
             link = {"region": "us-east", "peer": "eu-west"}
             east_gateway = gateways["us-east"]
-            assert metric(east_gateway, "invalgw_duplicate_batches_total", **link) >= 2
+            # batches queued behind a full window go out merged: one envelope or several
+            assert metric(east_gateway, "invalgw_duplicate_batches_total", **link) >= 1
             assert metric(east_gateway, "invalgw_invalidations_forwarded_total", **link) == 0
         assert await mirror_events(west, names.mirror("us-east")) == sent
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from invalgw.config import RegionConfig
-from invalgw.functions import APPEND, CLEAR_GAP, LIBRARY, load_library
+from invalgw.functions import ACK, APPEND, CLEAR_GAP, LIBRARY, SAVE_CURSOR, load_library
 from invalgw.names import Names
 from invalgw.proto import entry_fields
 from tests.conftest import REGIONS, clients, make_configs, running, wait_gone, wait_until
@@ -41,7 +41,7 @@ async def test_each_gateway_loads_the_library_into_its_own_redis(
         async with running(configs, "us-east"):
             [library] = await east.function_list(LIBRARY)
             functions = {pairs(f)[b"name"] for f in pairs(library)[b"functions"]}
-            assert functions == {APPEND.encode(), CLEAR_GAP.encode()}
+            assert functions == {f.encode() for f in (APPEND, CLEAR_GAP, ACK, SAVE_CURSOR)}
 
 
 async def test_a_peer_without_the_library_gets_it_from_its_own_gateway(
