@@ -81,6 +81,15 @@ class _Saving:
     gap: tuple[str, str] | None = None
     ack: list[bytes] = field(default_factory=list)
 
+    def then(self, later: _Saving) -> _Saving:
+        """This save (which failed) followed by ``later``: what the next save must do."""
+        return _Saving(
+            max(self.cursor, later.cursor),
+            self.count + later.count,
+            later.gap or self.gap,
+            self.ack + later.ack,
+        )
+
 
 class Forwarder:
     """The sender to one peer: delivers the local stream's batches to the peer's mirror stream."""
@@ -407,6 +416,8 @@ class Forwarder:
                 self.window.add(self._gap_notice(out.gap, out.last, out.epoch))
         if delivered_gap is not None:
             self._saving.gap = delivered_gap
+            if delivered_gap == self.pending_gap:  # not sent again, before the save or after
+                self.pending_gap = None
         saving = self._saving
         saving.cursor, saving.count = max(saving.cursor, out.cursor), saving.count + out.count
         saving.ack += out.ack
@@ -416,11 +427,17 @@ class Forwarder:
         trip to the local Redis."""
         saving, self._saving, self._unsaved = self._saving, _Saving(), False
         state = {"epoch": self._last_epoch, "last": self._confirmed_last}
-        await self.cursor.save(
-            state=state, gap=saving.gap, cursor=saving.cursor, count=saving.count, ack=saving.ack
-        )
-        if saving.gap is not None and saving.gap == self.pending_gap:
-            self.pending_gap = None
+        try:
+            await self.cursor.save(
+                state=state,
+                gap=saving.gap,
+                cursor=saving.cursor,
+                count=saving.count,
+                ack=saving.ack,
+            )
+        except BaseException:
+            self._saving, self._unsaved = saving.then(self._saving), True  # saved next time
+            raise
 
     def _gap_notice(self, gap: tuple[str, str], prev: str, epoch: str) -> Outgoing:
         notice = Batch(

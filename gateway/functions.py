@@ -20,13 +20,15 @@ Answers ``{'ok'|'duplicate'|'behind', last origin ID held}``.
 peer was told of, unless another one was noted meanwhile.
 
 The gateway's own writes that move a stream's progress go through two more functions, fenced by
-the lease of the stream (or partition): each first checks that the lease key (``KEYS[1]``) still
-holds this gateway's ``<consumer> <token>`` (``ARGV[1]``) and otherwise does nothing and answers
-an error starting ``FENCED``. A gateway that stalled past its lease (a long pause, a partition
-from its Redis) and comes back with a batch in hand cannot acknowledge it, overwrite the status
-or move a cursor back once another gateway took the lease over. An empty ``ARGV[1]`` skips the
-check (a mirror stream on another node of a Redis Cluster than the lease: see
-:class:`invalgw.apply.ApplyContext`).
+the lease of the stream (or partition): each first checks that the lease key (``KEYS[1]``)
+holds no other gateway's ``<consumer> <token>`` than this one's (``ARGV[1]``) and otherwise does
+nothing and answers an error starting ``FENCED``. A gateway that stalled past its lease (a long
+pause, a partition from its Redis) and comes back with a batch in hand cannot acknowledge it,
+overwrite the status or move a cursor back once another gateway took the lease over. A lease
+that expired and that nobody took yet (or that a Redis restarted empty lost) does not refuse:
+nobody else acts on the stream, and whoever takes it next starts from what was written. An
+empty ``ARGV[1]`` skips the check (a mirror stream on another node of a Redis Cluster than the
+lease: see :class:`invalgw.apply.ApplyContext`).
 
 - ``invalgw_ack`` (keys: lease, stream, status hash, keys to unlink first; args: holder, group,
   status field, status, IDs to acknowledge) answers how many of the keys existed.
@@ -92,7 +94,9 @@ local function clear_gap(keys, args)
 end
 
 local function refused(keys, args)
-  if args[1] ~= '' and redis.call('GET', keys[1]) ~= args[1] then
+  if args[1] == '' then return false end
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then
     return redis.error_reply(
       'FENCED the lease ' .. keys[1] .. ' is held by another gateway, or expired')
   end

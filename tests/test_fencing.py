@@ -56,7 +56,7 @@ async def test_acknowledgement_refused_unless_the_lease_is_ours(
         assert await pending(client, stream, APPLY_GROUP) == 1
         assert await client.hlen(status_key) == 0
 
-        await client.set(lease, ME)
+        await client.delete(lease)  # expired, and nobody took it: nobody else acts on the stream
         removed = await ack_with_status(
             reader, [entry_id], status_key, status, fence=fence, unlink=[key]
         )
@@ -166,3 +166,42 @@ async def test_a_gateway_whose_lease_was_taken_leaves_its_batch_to_the_new_owner
             return await pending(client, names.local_stream, APPLY_GROUP) == 0
 
         await wait_until(acknowledged, what="the entry acknowledged")
+
+
+async def test_a_gap_is_told_once_though_saving_its_delivery_failed(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """The envelope carrying a gap reached the peer, but the save that follows was refused (or
+    lost with the connection): the envelopes sent after it must not carry the gap again, or the
+    peer records it (and resyncs) once per envelope."""
+    configs = long_lease(configs)
+    east = configs["us-east"]
+    names = Names(east.streams.namespace, east.streams.local)
+    gap = ("1-0", "2-0")
+    async with clients(configs) as redis_by_region, running(configs, "us-east", "eu-west") as gw:
+        client, west = redis_by_region["us-east"], redis_by_region["eu-west"]
+        west_names = Names(configs["eu-west"].streams.namespace, configs["eu-west"].streams.local)
+        ours = await client.get(names.lease)
+        assert ours is not None
+        await client.set(names.lease, USURPER, px=60_000)
+        await gw["us-east"].forwarders["eu-west"].add_gap(*gap)
+        written = 0
+
+        async def refused_while_writing() -> bool:
+            """Entries keep coming, so envelopes with new events follow the gap's."""
+            nonlocal written
+            await client.xadd(names.local_stream, entry_fields([f"{namespace}:w{written}"]))  # type: ignore[arg-type]
+            written += 1
+            fenced = metric(gw["us-east"], "invalgw_fenced_writes_total", region="us-east")
+            return written >= 20 and fenced >= 5
+
+        await wait_until(refused_while_writing, what="saves refused while envelopes went on")
+        await client.set(names.lease, ours, px=60_000)
+
+        async def gap_forgotten() -> bool:
+            return not await client.hexists(names.link("eu-west"), "gap_after")
+
+        await wait_until(gap_forgotten, what="the delivered gap cleared from the link state")
+        records: list[tuple[bytes, dict[bytes, bytes]]] = await west.xrange(west_names.gaps)  # type: ignore[assignment]
+        told = [(f[b"after"], f[b"upto"]) for _, f in records if f[b"origin"] == b"us-east"]
+        assert told == [(b"1-0", b"2-0")]
