@@ -47,6 +47,7 @@ import redis
 
 from invalgw.connections import AsyncRedis
 from invalgw.proto import StreamId
+from invalgw.proto.streamid import ZERO
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ class GroupPosition:
     entries_read: int | None
     has: StreamId
     """The group has every entry up to this ID (or lost it, and was told)."""
+    received: StreamId = ZERO
+    """Every entry up to this ID was delivered to the group: its last-delivered ID, or its
+    newest pending entry if a sender moved its cursor back to send those again. One deleted
+    meanwhile is the group's own stage to report (it finds it pending), not this trimmer."""
     backlog: int = 0
     """Entries not yet handled by the group: pending, plus those not read yet."""
     raw_name: bytes = b""
@@ -120,6 +125,7 @@ class GroupPosition:
             pending=int(group["pending"]),
             entries_read=None if read is None else int(read),
             has=last,
+            received=last,
             raw_name=group["name"],
         )
 
@@ -174,7 +180,7 @@ class StreamTrimmer:
         await self._report(groups, state, self._next, since_last_round=True)
         state, before, self._next = await self._trim(groups)
         await self._report(groups, state, before, since_last_round=False)
-        self._had = {group.name: group.last_delivered for group in groups}
+        self._had = {group.name: group.received for group in groups}
         for group in groups:
             group.backlog = group.pending + await self._unread(group, state)
         return groups
@@ -194,6 +200,7 @@ class StreamTrimmer:
                     if summary.get("min") is not None:
                         oldest = StreamId.parse(summary["min"]).previous()
                         group.has = min(group.has, oldest)
+                        group.received = max(group.received, StreamId.parse(summary["max"]))
         return self._remember(StreamState.parse(info)), groups
 
     def _pace(self, state: StreamState) -> None:
@@ -251,7 +258,7 @@ class StreamTrimmer:
         this round's trim)."""
         reported = await self._reported_marks()
         for group in groups:
-            has = group.last_delivered
+            has = group.received
             if since_last_round:
                 has = min(has, self._had.get(group.name, has))
             lost = _lost_range(has, group, state, seen.get(group.name))
