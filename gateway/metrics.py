@@ -293,6 +293,16 @@ class Metrics:
             ["region"],
             registry=r,
         )
+        self.partition_reroutes = Counter(
+            "invalgw_partition_reroutes",
+            "Partitions this process restarted on the cluster node now serving their slot (or a "
+            "mirror stream's), after a node answered MOVED (cause moved: a resharding) or stayed "
+            "unreachable (cause unreachable: a failover).",
+            ["region", "cause"],
+            registry=r,
+        )
+        for cause in ("moved", "unreachable"):
+            self.partition_reroutes.labels(region, cause)
         self.link_up = Gauge(
             "invalgw_link_up",
             "1 while the last attempt to reach a peer's Redis succeeded, else 0.",

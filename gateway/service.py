@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from invalgw import logs, tracing
 from invalgw.config import RedisEndpoint, RegionConfig, redact
-from invalgw.connections import REDIS_ERRORS, Connector, cluster_nodes, connect
+from invalgw.connections import REDIS_ERRORS, Connector, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
 from invalgw.health import Health, health_app, serve_http
@@ -34,6 +34,7 @@ from invalgw.pipeline import build_pipeline
 from invalgw.region import Region, open_region, routed_keys
 from invalgw.sharing import Sharing
 from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
+from invalgw.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Gateway:
                 self._serve_metrics(stack)
                 ticks.start_soon(self.health.keep_ticking)
                 stack.callback(ticks.cancel_scope.cancel)
-                nodes = await self._cluster_nodes()
+                topology = await self._topology()
                 region = open_region(
                     self.config,
                     stack=stack,
@@ -90,10 +91,10 @@ class Gateway:
                     drain=self.drain,
                     connector=self.connector,
                     tracer_provider=self.tracer_provider,
-                    nodes=nodes,
+                    topology=topology,
                 )
                 parts = region.partitions()
-                ready = nodes is not None or not routed_keys(self.config)
+                ready = topology is not None or not routed_keys(self.config)
                 for part in parts if ready else []:
                     ready = ready and await until_ok(
                         partial(_refused_is_fatal, part),
@@ -119,24 +120,20 @@ class Gateway:
                 stack.push_async_callback(self._release_lease, lease)
                 await self._run(region, parts, lease, task_status)
 
-    async def _cluster_nodes(self) -> dict[str, dict[str, str]] | None:
+    async def _topology(self) -> Topology | None:
         """For each Redis Cluster (the region's stream Redis, ``""``, or a peer's), the node
-        serving each key the gateway uses there, read once at start (after a resharding moves
-        one, restart the gateway); None when there is none, or if drained before they answered."""
+        serving each key the gateway uses there (re-read when one moves: see
+        :mod:`invalgw.topology`); None when there is none, or if drained before they answered."""
         config = self.config
         wanted = routed_keys(config)
         if not wanted:
             return None
         endpoints: dict[str, RedisEndpoint] = {"": config.redis}
         endpoints.update((peer.name, peer) for peer in config.peers)
-        found: dict[str, dict[str, str]] = {}
-
-        async def read() -> None:
-            for target, keys in wanted.items():
-                found[target] = await cluster_nodes(endpoints[target], keys)
-
-        await until_ok(read, self.drain, name=f"{config.region}: cluster nodes", on_error=_no_count)
-        return found if len(found) == len(wanted) else None
+        topology = Topology(endpoints, wanted)
+        name = f"{config.region}: cluster nodes"
+        read = await until_ok(topology.read, self.drain, name=name, on_error=_no_count)
+        return topology if read else None
 
     async def _take_lease(self, region: Region, lease: RegionLease) -> bool:
         """Wait, as a standby, until this gateway holds the region's lease; False if drained."""

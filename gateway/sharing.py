@@ -61,11 +61,14 @@ class Sharing:
             await tg.start(region.retries.run)
             started = False
             while not region.drain.requested:
+                await self._reroute(tg)
                 try:
                     decided = await self.leases.round()
                     failures = 0
                 except REDIS_ERRORS as exc:
                     failures += 1
+                    if region.topology is not None:
+                        region.topology.saw("", exc)
                     log_failure(f"{region.name}: partition leases", exc, failures)
                 else:
                     for p in decided.stop:
@@ -84,13 +87,58 @@ class Sharing:
                         len(self.parts),
                     )
                     task_status.started()
-                await region.drain.sleep(self.leases.interval_s)
+                await self._sleep()
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as stopping:
                     for p in list(self.running):
                         stopping.start_soon(self._stop, p, self.running.pop(p), True)
             self._owned.set(0)
             log.info("%s: every partition stopped and released", region.name)
+
+    async def _sleep(self) -> None:
+        """Until the next round; sooner when a cluster node answers MOVED."""
+        topology = self.region.topology
+        if topology is None:
+            await self.region.drain.sleep(self.leases.interval_s)
+            return
+        with self.region.drain.interruptible():
+            await topology.wait(self.leases.interval_s)
+
+    async def _reroute(self, tg: anyio.abc.TaskGroup) -> None:
+        """Re-read the slot map of the clusters the stages saw answer MOVED (or stay
+        unreachable); restart, at once, each partition whose keys (or whose mirror streams, here
+        or in a peer's cluster) are now served by another node, with clients of the new node.
+        Its lease, consumer groups, pending entries and cursors moved with the slot: it goes on
+        where it stopped, and whatever it had not acknowledged is handled again."""
+        topology = self.region.topology
+        if topology is None or not (due := topology.due()):
+            return
+        changed = await topology.refresh(due)
+        if not changed:
+            return
+        cause = "moved" if "moved" in changed.values() else "unreachable"
+        region = self.region
+        if region.route is not None:  # the scanner's dead letters
+            region.dead_letters.client = region.route(region.names.dead_letters, "local")
+        fresh = region.partitions()
+        for p, part in enumerate(fresh):
+            if _clients(part) == _clients(self.parts[p]):
+                continue
+            self.parts[p] = part
+            self.leases.leases[p].client = part.local
+            old = self.running.get(p)
+            if old is None:
+                continue
+            log.warning(
+                "%s: partition %d moved to another node: restarting it there", region.name, p
+            )
+            region.metrics.partition_reroutes.labels(region.name, cause).inc()
+            self.running[p] = running = Running()
+            tg.start_soon(self._restart, p, old, running)
+
+    async def _restart(self, p: int, old: Running, running: Running) -> None:
+        await self._stop(p, old, False)
+        await self._run_partition(p, running)
 
     async def _stop(self, p: int, running: Running | None, release: bool) -> None:
         """Stop partition ``p``: drained then released, or (lost) at once and not released."""
@@ -126,6 +174,12 @@ class Sharing:
                     await _stages(part)
         finally:
             running.done.set()
+
+
+def _clients(part: Region) -> list[object]:
+    """The clients a partition's stages use: of its own node, peers' and mirrors' nodes."""
+    mirrors = [client for mirror in part.mirrors for client in (mirror.client, mirror.reads)]
+    return [part.local, part.reads, *part.peers.values(), *mirrors]
 
 
 async def _stages(part: Region) -> None:
