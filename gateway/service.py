@@ -222,6 +222,8 @@ class Gateway:
             for each in chores:
                 each.start(background)
             background.start_soon(self._keep_lease, region, lease)
+            if region.topology is not None:
+                background.start_soon(self._follow_peers, region)
             async with anyio.create_task_group() as workers:
                 await workers.start(region.scanner.run)
                 await workers.start(region.retries.run)
@@ -243,6 +245,23 @@ class Gateway:
                 except REDIS_ERRORS as exc:
                     log.warning("could not save the final status: %s", exc)
             background.cancel_scope.cancel()
+
+    async def _follow_peers(self, region: Region) -> None:
+        """Unpartitioned, only peers' Redis may be clusters: when one answers MOVED (or a node
+        stays unreachable), re-read its slot map and point the sender at the node now serving
+        this region's mirror stream there."""
+        topology, peer_route = region.topology, region.peer_route
+        assert topology is not None
+        assert peer_route is not None
+        while True:
+            await topology.wait(1.0)
+            changed = await topology.refresh(topology.due())
+            for peer, cause in changed.items():
+                forwarder = self.forwarders.get(peer)
+                if forwarder is not None:
+                    forwarder.reroute(peer_route(peer, region.names.mirror(region.name)))
+                    log.warning("%s: the sender to %s moved to another node", region.name, peer)
+                    self.metrics.partition_reroutes.labels(region.name, cause).inc()
 
     def _serve_metrics(self, stack: AsyncExitStack) -> None:
         metrics = self.config.metrics

@@ -108,6 +108,8 @@ class Topology:
         """Re-read the map of ``targets`` (entering each cluster at its configured URL or any
         node known to serve it); the clusters where a key's node changed, with why. A cluster
         that does not answer keeps its map and is tried again later."""
+        if not targets:
+            return {}
         self._last = time.monotonic()
         changed: dict[str, str] = {}
         for target, cause in targets.items():

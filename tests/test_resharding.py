@@ -26,7 +26,7 @@ from invalgw.names import APPLY_GROUP, Names
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
 from tests.cluster import cluster_client, redis_cluster
-from tests.conftest import make_configs, metric, running, wait_gone, wait_until
+from tests.conftest import make_configs, metric, running, wait_until
 from tests.servers import RedisServer, no_retry
 
 pytestmark = pytest.mark.anyio
@@ -75,7 +75,7 @@ class Nodes:
         }
 
     async def call(self, port: int, *args: Any) -> Any:
-        return await self.clients[port].execute_command(*args)
+        return await self.clients[port].execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
         for client in self.clients.values():
@@ -83,87 +83,103 @@ class Nodes:
 
 
 class Phases:
-    """Invalidations of fresh cached keys, a few in every partition, one phase at a time."""
+    """Invalidations of fresh cached keys, in both regions, one phase at a time: in us-east a
+    few in every partition."""
 
     def __init__(
-        self, cluster: RedisCluster, standalone: redis.asyncio.Redis, producer: Invalidator
+        self, cluster: RedisCluster, standalone: redis.asyncio.Redis, configs: dict[str, Any]
     ) -> None:
-        self.cluster, self.standalone, self.producer = cluster, standalone, producer
+        self.cluster, self.standalone = cluster, standalone
+        east, west = configs["us-east"].streams.local, configs["eu-west"].streams.local
+        self.east = Invalidator(cluster, stream=east, partitions=P)
+        self.west = Invalidator(standalone, stream=west)
         self.keys: list[str] = []
 
     async def write(self, prefix: str, count: int = 16) -> None:
-        keys = [f"{prefix}:{n}" for n in range(count)]
-        assert len({partition_of(key, P) for key in keys}) == P
-        for key in keys:
+        east = [f"{prefix}:e:{n}" for n in range(count)]
+        west = [f"{prefix}:w:{n}" for n in range(count // 2)]
+        assert len({partition_of(key, P) for key in east}) == P
+        for key in east + west:
             await self.cluster.set(key, "cached")
             await self.standalone.set(key, "cached")
-        for key in keys:
-            await self.producer.invalidate(key)
-        self.keys += keys
+        for key in east:
+            await self.east.invalidate(key)
+        await self.west.invalidate(*west)
+        self.keys += east + west
+
+    async def all_gone(self) -> bool:
+        here = sum([int(await self.cluster.exists(key)) for key in self.keys])
+        return here == 0 and int(await self.standalone.exists(*self.keys)) == 0
 
 
-async def test_a_partition_whose_slot_moves_goes_on_on_the_new_primary(
+MOVED = {"cause": "moved"}
+
+
+@pytest.mark.parametrize("moving", ["partition", "mirror"])
+async def test_a_slot_that_moves_is_followed_without_a_restart(
     two_regions: dict[str, RegionConfig],
     cluster: RedisCluster,
     cluster_nodes: list[RedisProcess],
     namespace: str,
+    moving: str,
 ) -> None:
+    """``partition``: partition 0 of us-east's stream (with every key of that partition);
+    ``mirror``: eu-west's mirror stream in us-east's cluster, which eu-west's sender (an
+    unpartitioned region) writes and a partition of us-east applies."""
     us_east, eu_west = two_regions["us-east"], two_regions["eu-west"]
-    names = Names(us_east.streams.namespace, us_east.streams.local).partition(0, P)
+    names = Names(us_east.streams.namespace, us_east.streams.local)
+    key = names.partition(0, P).local_stream if moving == "partition" else names.mirror("eu-west")
     await cluster.initialize()
-    slot = cluster.keyslot(names.local_stream)
-    source = cluster.get_node_from_key(names.local_stream)
-    assert source is not None
-    target = next(node.port for node in cluster_nodes if node.port != source.port)
+    slot = cluster.keyslot(key)
+    node = cluster.get_node_from_key(key)
+    assert node is not None
+    source = int(node.port)
+    target = next(each.port for each in cluster_nodes if each.port != source)
     nodes = Nodes(cluster_nodes)
     standalone = redis.asyncio.Redis.from_url(
         eu_west.redis.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
     )
-    phases = Phases(
-        cluster, standalone, Invalidator(cluster, stream=us_east.streams.local, partitions=P)
-    )
+    phases = Phases(cluster, standalone, two_regions)
     ids = {port: (await nodes.call(port, "CLUSTER", "MYID")).decode() for port in nodes.clients}
     try:
         async with running(two_regions) as gateways:
-            east = gateways["us-east"]
-            assert metric(east, "invalgw_partition_reroutes_total", **MOVED) == 0
+            east, west = gateways["us-east"], gateways["eu-west"]
+            assert metric(east, REROUTES, region="us-east", **MOVED) == 0  # exported at start
             await phases.write(f"{namespace}:before")
-            await wait_gone(standalone, phases.keys, region="eu-west", seconds=20)
+            await wait_until(phases.all_gone, seconds=20, what="the first keys gone in both")
 
-            await nodes.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
-            await nodes.call(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+            await nodes.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+            await nodes.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
             await phases.write(f"{namespace}:migrating")
-            moved = await _migrate_keys(nodes, source.port, target, slot)
-            assert names.local_stream.encode() in moved
-            await phases.write(f"{namespace}:migrated")  # the gateway meets ASK meanwhile
-            for port in [
-                target,
-                source.port,
-                *(p for p in nodes.clients if p not in (target, source.port)),
-            ]:
+            moved = await _migrate_keys(nodes, source, target, slot)
+            assert key.encode() in moved
+            await phases.write(f"{namespace}:migrated")  # the gateways meet ASK meanwhile
+            others = [port for port in nodes.clients if port not in (target, source)]
+            for port in [target, source, *others]:
                 await nodes.call(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
             await phases.write(f"{namespace}:after")
 
-            async def all_gone() -> bool:
-                here = sum([int(await cluster.exists(key)) for key in phases.keys])
-                return here == 0 and int(await standalone.exists(*phases.keys)) == 0
-
-            await wait_until(all_gone, seconds=30, interval=0.1, what="every key gone in both")
+            await wait_until(phases.all_gone, seconds=30, interval=0.1, what="every key gone")
 
             async def rerouted() -> bool:
-                return metric(east, "invalgw_partition_reroutes_total", **MOVED) >= 1
+                counted = metric(east, REROUTES, region="us-east", **MOVED) >= 1
+                if moving == "mirror":  # the sender of eu-west, and the partition applying it
+                    counted = counted and metric(west, REROUTES, region="eu-west", **MOVED) >= 1
+                return counted
 
             await wait_until(rerouted, seconds=10, what="the move counted")
             assert metric(east, "invalgw_partitions_owned", region="us-east") == P
             assert not east.drain.requested
-            groups = await nodes.clients[target].xinfo_groups(names.local_stream)
-            assert APPLY_GROUP.encode() in [group["name"] for group in groups]  # moved with it
+            assert not west.drain.requested
+            if moving == "partition":  # its consumer groups moved with it
+                groups = await nodes.clients[target].xinfo_groups(key)
+                assert APPLY_GROUP.encode() in [group["name"] for group in groups]
     finally:
         await close(standalone)
         await nodes.aclose()
 
 
-MOVED = {"region": "us-east", "cause": "moved"}
+REROUTES = "invalgw_partition_reroutes_total"
 
 
 async def _migrate_keys(nodes: Nodes, source: int, target: int, slot: int) -> list[bytes]:
