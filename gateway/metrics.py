@@ -295,9 +295,10 @@ class Metrics:
         )
         self.partition_reroutes = Counter(
             "invalgw_partition_reroutes",
-            "Partitions this process restarted on the cluster node now serving their slot (or a "
-            "mirror stream's), after a node answered MOVED (cause moved: a resharding) or stayed "
-            "unreachable (cause unreachable: a failover).",
+            "Partitions this process now reaches on another cluster node, their slot (or a "
+            "mirror stream's) having moved: after a node answered MOVED (cause moved: a "
+            "resharding) or stayed unreachable (cause unreachable: a failover). Those it runs "
+            "restart there at once.",
             ["region", "cause"],
             registry=r,
         )

@@ -126,13 +126,16 @@ class Sharing:
                 continue
             self.parts[p] = part
             self.leases.leases[p].client = part.local
+            region.metrics.partition_reroutes.labels(region.name, cause).inc()
             old = self.running.get(p)
-            if old is None:
+            if old is None:  # its lease is followed there
+                log.info("%s: partition %d is served by another node now", region.name, p)
                 continue
             log.warning(
-                "%s: partition %d moved to another node: restarting it there", region.name, p
+                "%s: partition %d is served by another node now: restarting it there",
+                region.name,
+                p,
             )
-            region.metrics.partition_reroutes.labels(region.name, cause).inc()
             self.running[p] = running = Running()
             tg.start_soon(self._restart, p, old, running)
 

@@ -46,7 +46,7 @@ def redirect_kind(exc: BaseException) -> str | None:
         return "ask"
     if str(exc).startswith(("ASK ", "TRYAGAIN")):
         return "ask"
-    if isinstance(exc, CONNECTION_ERRORS | redis.exceptions.ClusterDownError):
+    if isinstance(exc, (*CONNECTION_ERRORS, redis.exceptions.ClusterDownError)):
         return "unreachable"
     return None
 

@@ -25,7 +25,7 @@ from invalgw.dev.localredis import RedisProcess
 from invalgw.names import APPLY_GROUP, Names
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
-from tests.cluster import cluster_client, redis_cluster
+from tests.cluster import cluster_client, redis_cluster, replica_of
 from tests.conftest import make_configs, metric, running, wait_until
 from tests.servers import RedisServer, no_retry
 
@@ -44,8 +44,15 @@ def cluster_nodes() -> Iterator[list[RedisProcess]]:
 def two_regions(
     cluster_nodes: list[RedisProcess], session_servers: list[RedisServer], namespace: str
 ) -> dict[str, RegionConfig]:
-    cluster_url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
-    configs = make_configs({"us-east": cluster_url, "eu-west": session_servers[1].url}, namespace)
+    return _two_regions(cluster_nodes[0], session_servers[1], namespace)
+
+
+def _two_regions(
+    entry: RedisProcess, standalone: RedisServer, namespace: str
+) -> dict[str, RegionConfig]:
+    """us-east on the cluster entered at ``entry``, in P partitions; eu-west on ``standalone``."""
+    cluster_url = f"redis://127.0.0.1:{entry.port}/0"
+    configs = make_configs({"us-east": cluster_url, "eu-west": standalone.url}, namespace)
     us_east, eu_west = configs["us-east"], configs["eu-west"]
     us_east = msgspec.structs.replace(
         us_east,
@@ -189,3 +196,93 @@ async def _migrate_keys(nodes: Nodes, source: int, target: int, slot: int) -> li
         await nodes.call(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
         moved += keys
     return moved
+
+
+async def test_a_failover_is_followed_without_a_restart(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """The primary serving partition 0 is killed; its replica takes over its slots. The
+    gateways find the partitions (and mirror streams) it served on the promoted replica, once
+    the old primary has stayed unreachable for a while: nothing written before the crash (and
+    replicated) or after the failover is left unapplied."""
+    with redis_cluster(3) as nodes:
+        victim_port = await _node_serving(nodes, f"{{{namespace}-gw:inval:0}}")
+        victim = next(node for node in nodes if node.port == victim_port)
+        survivor = next(node for node in nodes if node is not victim)
+        with replica_of(victim) as replica:
+            configs = _two_regions(survivor, session_servers[1], namespace)
+            await _fail_over(configs, victim, replica, survivor, namespace)
+
+
+async def _fail_over(
+    configs: dict[str, RegionConfig],
+    victim: RedisProcess,
+    replica: RedisProcess,
+    survivor: RedisProcess,
+    namespace: str,
+) -> None:
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
+    assert names.partition(0, P).local_stream == f"{{{namespace}-gw:inval:0}}"
+    admin = Nodes([victim, replica])
+    standalone = redis.asyncio.Redis.from_url(
+        configs["eu-west"].redis.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+    )
+    cluster = cluster_client(survivor)
+    try:
+        async with running(configs) as gateways:
+            east = gateways["us-east"]
+            phases = Phases(cluster, standalone, configs)
+            await phases.write(f"{namespace}:before")
+            await wait_until(phases.all_gone, seconds=20, what="the first keys gone in both")
+            await _replicated(admin, victim.port, replica.port)
+            victim.kill()
+
+            async def promoted() -> bool:
+                role = await admin.call(replica.port, "ROLE")
+                return bool(role[0] == b"master")
+
+            await wait_until(promoted, seconds=30, interval=0.1, what="the replica promoted")
+            await close(cluster)
+            phases.cluster = cluster = cluster_client(survivor)  # a client that never saw it
+            phases.east = Invalidator(cluster, stream=names.local_stream, partitions=P)
+            await phases.write(f"{namespace}:after")
+            await wait_until(phases.all_gone, seconds=30, interval=0.1, what="every key gone")
+
+            async def rerouted() -> bool:
+                counted = metric(east, REROUTES, region="us-east", cause="unreachable")
+                return counted >= 1
+
+            await wait_until(rerouted, seconds=10, what="the failover counted")
+
+            async def all_owned() -> bool:  # those stopped while the cluster was down, too
+                return metric(east, "invalgw_partitions_owned", region="us-east") == P
+
+            await wait_until(all_owned, seconds=10, what="every partition run again")
+            assert not east.drain.requested
+    finally:
+        await close(cluster)
+        await close(standalone)
+        await admin.aclose()
+
+
+async def _node_serving(nodes: list[RedisProcess], key: str) -> int:
+    client = cluster_client(nodes[0])
+    try:
+        await client.initialize()
+        node = client.get_node_from_key(key)
+        assert node is not None
+        return int(node.port)
+    finally:
+        await close(client)
+
+
+async def _replicated(admin: Nodes, primary: int, replica: int) -> None:
+    """Wait until ``replica`` has everything ``primary`` had written when this was called."""
+    info = await admin.clients[primary].info("replication")
+    written = int(info["master_repl_offset"])
+
+    async def caught_up() -> bool:
+        seen = await admin.clients[replica].info("replication")
+        return int(seen["slave_repl_offset"]) >= written
+
+    await wait_until(caught_up, seconds=10, what="the replica in sync")
