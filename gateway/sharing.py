@@ -21,6 +21,7 @@ from invalgw.partlease import Lease, PartitionLeases
 from invalgw.pipeline import build_pipeline
 from invalgw.region import Region
 from invalgw.stages import Drain, log_failure, until_ok
+from invalgw.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ class Sharing:
             await tg.start(region.scanner.run)
             await tg.start(region.retries.run)
             started = False
+            if region.topology is not None:
+                tg.start_soon(self._follow, region.topology, tg)
             while not region.drain.requested:
-                await self._reroute(tg)
                 try:
                     decided = await self.leases.round()
                     failures = 0
@@ -87,7 +89,7 @@ class Sharing:
                         len(self.parts),
                     )
                     task_status.started()
-                await self._sleep()
+                await region.drain.sleep(self.leases.interval_s)
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as stopping:
                     for p in list(self.running):
@@ -95,26 +97,24 @@ class Sharing:
             self._owned.set(0)
             log.info("%s: every partition stopped and released", region.name)
 
-    async def _sleep(self) -> None:
-        """Until the next round; sooner when a cluster node answers MOVED."""
-        topology = self.region.topology
-        if topology is None:
-            await self.region.drain.sleep(self.leases.interval_s)
-            return
-        with self.region.drain.interruptible():
-            await topology.wait(self.leases.interval_s)
+    async def _follow(self, topology: Topology, tg: anyio.abc.TaskGroup) -> None:
+        """Until the region's drain: re-read the slot map when the stages say a node answered
+        MOVED (or stays unreachable), and move the partitions that moved (apart from the lease
+        rounds, which a slow cluster must not delay)."""
+        while not self.region.drain.requested:
+            with self.region.drain.interruptible():
+                await topology.wait(1.0)
+            if not self.region.drain.requested:
+                await self._reroute(topology, tg)
 
-    async def _reroute(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _reroute(self, topology: Topology, tg: anyio.abc.TaskGroup) -> None:
         """Re-read the slot map of the clusters the stages saw answer MOVED (or stay
         unreachable); restart, at once, each partition whose keys (or whose mirror streams, here
         or in a peer's cluster) are now served by another node, with clients of the new node.
         Its lease, consumer groups, pending entries and cursors moved with the slot: it goes on
         where it stopped, and whatever it had not acknowledged is handled again."""
-        topology = self.region.topology
-        if topology is None or not (due := topology.due()):
-            return
-        changed = await topology.refresh(due)
-        if not changed:
+        changed = await topology.refresh(topology.due())
+        if not changed or self.region.drain.requested:
             return
         cause = "moved" if "moved" in changed.values() else "unreachable"
         region = self.region

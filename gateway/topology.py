@@ -104,10 +104,10 @@ class Topology:
             if remaining > 0:  # let a burst of MOVED from every stage arrive first
                 await anyio.sleep(remaining)
 
-    async def refresh(self, targets: dict[str, str]) -> dict[str, str]:
+    async def refresh(self, targets: dict[str, str], timeout_s: float = 5.0) -> dict[str, str]:
         """Re-read the map of ``targets`` (entering each cluster at its configured URL or any
-        node known to serve it); the clusters where a key's node changed, with why. A cluster
-        that does not answer keeps its map and is tried again later."""
+        node known to serve it), within ``timeout_s`` in all; the clusters where a key's node
+        changed, with why. A cluster that does not answer keeps its map, tried again later."""
         if not targets:
             return {}
         self._last = time.monotonic()
@@ -116,10 +116,13 @@ class Topology:
             self.moved.discard(target)
             self.failing.pop(target, None)
             known = sorted(set(self.nodes.get(target, {}).values()))
-            try:
-                found = await cluster_nodes(self.endpoints[target], self.wanted[target], known)
-            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
-                log.warning("cluster %s: cannot re-read its slot map: %s", target or "local", exc)
+            found: dict[str, str] | None = None
+            with anyio.move_on_after(timeout_s / len(targets)):
+                try:
+                    found = await cluster_nodes(self.endpoints[target], self.wanted[target], known)
+                except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+                    log.warning("%s: cannot re-read its slot map: %s", _cluster(target), exc)
+            if found is None:
                 self.failing.setdefault(target, time.monotonic())
                 continue
             before = self.nodes.get(target, {})
@@ -129,13 +132,17 @@ class Topology:
                 changed[target] = cause
                 log.warning(
                     "%s: %d keys the gateway uses are now served by another node (%s): %s",
-                    f"peer {target}'s cluster" if target else "the stream cluster",
+                    _cluster(target),
                     len(moved),
                     cause,
                     ", ".join(sorted({_address(url) for url in moved.values()})),
                     extra={"cluster": target, "cause": cause},
                 )
         return changed
+
+
+def _cluster(target: str) -> str:
+    return f"peer {target}'s cluster" if target else "the stream cluster"
 
 
 def _address(url: str) -> str:

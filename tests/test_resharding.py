@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 
@@ -25,6 +26,7 @@ from invalgw.dev.localredis import RedisProcess
 from invalgw.names import APPLY_GROUP, Names
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
+from invalgw.topology import redirect_kind
 from tests.cluster import cluster_client, redis_cluster, replica_of
 from tests.conftest import make_configs, metric, running, wait_until
 from tests.servers import RedisServer, no_retry
@@ -223,7 +225,7 @@ async def _fail_over(
 ) -> None:
     names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
     assert names.partition(0, P).local_stream == f"{{{namespace}-gw:inval:0}}"
-    admin = Nodes([victim, replica])
+    admin = Nodes([victim, replica, survivor])
     standalone = redis.asyncio.Redis.from_url(
         configs["eu-west"].redis.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
     )
@@ -237,9 +239,13 @@ async def _fail_over(
             await _replicated(admin, victim.port, replica.port)
             victim.kill()
 
-            async def promoted() -> bool:
-                role = await admin.call(replica.port, "ROLE")
-                return bool(role[0] == b"master")
+            async def promoted() -> bool:  # as the survivor the producer enters at sees it
+                state = await admin.call(survivor.port, "CLUSTER", "INFO")
+                try:
+                    serving = await _node_serving([survivor], names.partition(0, P).local_stream)
+                except redis.ConnectionError:  # it still sent a command to the dead node
+                    return False
+                return b"cluster_state:ok" in state and serving == replica.port
 
             await wait_until(promoted, seconds=30, interval=0.1, what="the replica promoted")
             await close(cluster)
@@ -286,3 +292,19 @@ async def _replicated(admin: Nodes, primary: int, replica: int) -> None:
         return int(seen["slave_repl_offset"]) >= written
 
     await wait_until(caught_up, seconds=10, what="the replica in sync")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (redis.exceptions.MovedError("3999 127.0.0.1:7001"), "moved"),
+        (redis.ResponseError("MOVED 3999 127.0.0.1:7001"), "moved"),
+        (redis.exceptions.AskError("3999 127.0.0.1:7001"), "ask"),
+        (redis.exceptions.TryAgainError("Multiple keys request during rehashing"), "ask"),
+        (redis.ConnectionError("Connection refused"), "unreachable"),
+        (redis.exceptions.ClusterDownError("The cluster is down"), "unreachable"),
+        (redis.ResponseError("WRONGTYPE Operation against a key"), None),
+    ],
+)
+def test_what_a_stage_error_says_about_the_cluster(error: Exception, kind: str | None) -> None:
+    assert redirect_kind(error) == kind
