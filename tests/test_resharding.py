@@ -11,9 +11,11 @@ which node serves a slot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 import redis
@@ -109,16 +111,42 @@ class Phases:
         west = [f"{prefix}:w:{n}" for n in range(count // 2)]
         assert len({partition_of(key, P) for key in east}) == P
         for key in east + west:
-            await self.cluster.set(key, "cached")
+            await _retried(partial(self.cluster.set, key, "cached"))
             await self.standalone.set(key, "cached")
         for key in east:
-            await self.east.invalidate(key)
+            await _retried(partial(self.east.invalidate, key))
         await self.west.invalidate(*west)
         self.keys += east + west
+
+    async def keep_writing(self, prefix: str, done: anyio.Event) -> None:
+        """One us-east invalidation after another (paced, at most 400) until ``done``."""
+        for n in range(400):
+            if done.is_set():
+                return
+            key = f"{prefix}:{n}"
+            await self.standalone.set(key, "cached")
+            await _retried(partial(self.cluster.set, key, "cached"))
+            await _retried(partial(self.east.invalidate, key))
+            self.keys.append(key)
+            await anyio.sleep(0.005)
 
     async def all_gone(self) -> bool:
         here = sum([int(await self.cluster.exists(key)) for key in self.keys])
         return here == 0 and int(await self.standalone.exists(*self.keys)) == 0
+
+
+async def _retried(call: Callable[[], Awaitable[object]]) -> None:
+    """``call``, tried again as a producer must during a migration: redis-py's asyncio cluster
+    client sends ASKING as a command of its own, on any free connection of the node, so with
+    several commands in flight the redirected command may run without it, be sent back with
+    MOVED, and bounce until the client gives up ("TTL exhausted")."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await call()
+                return
+            except redis.exceptions.ClusterError:
+                await anyio.sleep(0.01)
 
 
 MOVED = {"cause": "moved"}
@@ -157,16 +185,20 @@ async def test_a_slot_that_moves_is_followed_without_a_restart(
             await phases.write(f"{namespace}:before")
             await wait_until(phases.all_gone, seconds=20, what="the first keys gone in both")
 
-            await nodes.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
-            await nodes.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-            await phases.write(f"{namespace}:migrating")
-            moved = await _migrate_keys(nodes, source, target, slot)
-            assert key.encode() in moved
-            await phases.write(f"{namespace}:migrated")  # the gateways meet ASK meanwhile
-            others = [port for port in nodes.clients if port not in (target, source)]
-            for port in [target, source, *others]:
-                await nodes.call(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-            await phases.write(f"{namespace}:after")
+            async with anyio.create_task_group() as producing:
+                done = anyio.Event()
+                producing.start_soon(phases.keep_writing, f"{namespace}:meanwhile", done)
+                await nodes.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+                await nodes.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+                await phases.write(f"{namespace}:migrating")
+                moved = await _migrate_keys(nodes, source, target, slot)
+                assert key.encode() in moved
+                await phases.write(f"{namespace}:migrated")  # the gateways meet ASK meanwhile
+                others = [port for port in nodes.clients if port not in (target, source)]
+                for port in [target, source, *others]:
+                    await nodes.call(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+                await phases.write(f"{namespace}:after")
+                done.set()
 
             await wait_until(phases.all_gone, seconds=30, interval=0.1, what="every key gone")
 
@@ -177,7 +209,11 @@ async def test_a_slot_that_moves_is_followed_without_a_restart(
                 return counted
 
             await wait_until(rerouted, seconds=10, what="the move counted")
-            assert metric(east, "invalgw_partitions_owned", region="us-east") == P
+
+            async def all_owned() -> bool:
+                return metric(east, "invalgw_partitions_owned", region="us-east") == P
+
+            await wait_until(all_owned, seconds=5, what="every partition owned")
             assert not east.drain.requested
             assert not west.drain.requested
             if moving == "partition":  # its consumer groups moved with it
