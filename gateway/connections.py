@@ -15,7 +15,7 @@ import anyio
 import hiredis
 import redis
 import redis.asyncio
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
@@ -158,11 +158,23 @@ def connect_cache(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis | RedisCl
     return cluster
 
 
-async def cluster_nodes(endpoint: RedisEndpoint, keys: list[str]) -> dict[str, str]:
+async def cluster_nodes(
+    endpoint: RedisEndpoint, keys: list[str], known: list[str] | None = None
+) -> dict[str, str]:
     """The URL of the primary serving each of ``keys`` in the Redis Cluster at ``endpoint``
-    (the endpoint's URL with that node's host and port), read once from the cluster."""
-    cluster = connect_cache(endpoint, name="invalgw:nodes")
-    assert isinstance(cluster, RedisCluster)
+    (the endpoint's URL with that node's host and port), read from the cluster, entering it at
+    the endpoint or, if that node does not answer, at one of the ``known`` node URLs."""
+    startup = [
+        ClusterNode(str(parts.hostname), parts.port)
+        for parts in map(urlsplit, known or ())
+        if parts.hostname and parts.port
+    ]
+    cluster: RedisCluster = RedisCluster.from_url(
+        endpoint.url,
+        startup_nodes=startup or None,
+        retry=AsyncRetry(_backoff(endpoint), endpoint.retries),
+        **_options(endpoint, "invalgw:nodes"),
+    )
     try:
         await cluster.initialize()
         parts = urlsplit(endpoint.url)

@@ -179,6 +179,12 @@ class Forwarder:
         self._unsaved = False
         self._progressed = False
 
+    def reroute(self, remote: AsyncRedis) -> None:
+        """Reach the peer's mirror stream through ``remote`` from the next session on: its slot
+        moved to another node of the peer's Redis Cluster (the current session, if any, fails
+        on ``MOVED`` and is opened again, on ``remote``, with every unconfirmed envelope)."""
+        self.window.remote = remote
+
     # -- start-up -------------------------------------------------------------------------------
 
     async def load(self) -> None:

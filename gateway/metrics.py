@@ -302,6 +302,17 @@ class Metrics:
             ["region"],
             registry=r,
         )
+        self.partition_reroutes = Counter(
+            "invalgw_partition_reroutes",
+            "Partitions this process now reaches on another cluster node, their slot (or a "
+            "mirror stream's) having moved: after a node answered MOVED (cause moved: a "
+            "resharding) or stayed unreachable (cause unreachable: a failover). Those it runs "
+            "restart there at once.",
+            ["region", "cause"],
+            registry=r,
+        )
+        for cause in ("moved", "unreachable"):
+            self.partition_reroutes.labels(region, cause)
         self.link_up = Gauge(
             "invalgw_link_up",
             "1 while the last attempt to reach a peer's Redis succeeded, else 0.",

@@ -35,6 +35,7 @@ from invalgw.proto import Invalidation
 from invalgw.retries import CacheRetries
 from invalgw.scanner import ScanJob, Scanner
 from invalgw.stages import Drain
+from invalgw.topology import Topology
 from invalgw.tracing import InvalidationTracer
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,13 @@ class Region:
     process runs, so ``invalgw_backlog_entries`` is their sum."""
     route: Route | None = None
     peer_route: Callable[[str, str], AsyncRedis] | None = None
+    """(peer, key) → a client of the node serving ``key`` in the peer's Redis Cluster (or the
+    peer's client)."""
+    topology: Topology | None = None
+    """The nodes ``route`` and ``peer_route`` follow, told of every error a stage sees."""
     fence: Fence | None = None
     """The lease this region's (or partition's) progress writes are conditional on: set once
     this process holds it."""
-    """(peer, key) → a client of the node serving ``key`` in the peer's Redis Cluster (or the
-    peer's client)."""
 
     def partitions(self) -> list[Region]:
         """The region once per partition of its stream, each with the names, clients, epoch,
@@ -162,11 +165,14 @@ class Region:
         target = stage[3:] if stage.startswith("to:") else self.name
         counter = self.metrics.redis_errors.labels(self.name, target)
         fenced = self.metrics.fenced.labels(self.name)
+        topology, cluster = self.topology, "" if target == self.name else target
 
         def count(exc: Exception) -> None:
             counter.inc()
             if isinstance(exc, redis.ResponseError) and is_fenced(exc):
                 fenced.inc()
+            if topology is not None:
+                topology.saw(cluster, exc)
 
         return count
 
@@ -262,17 +268,17 @@ def open_region(
     drain: Drain,
     connector: Connector,
     tracer_provider: TracerProvider | None,
-    nodes: dict[str, dict[str, str]] | None = None,
+    topology: Topology | None = None,
 ) -> Region:
     """Make the region's clients (closed by ``stack``) and the parts built on them.
 
-    ``nodes``: per Redis Cluster (``""`` for the region's stream Redis, else a peer's name), the
-    URL of the node serving each key the gateway uses there (see :func:`routed_keys`); each key
-    is then reached through a client of its node, so every transaction and function call stays
-    on one node."""
+    ``topology``: per Redis Cluster (``""`` for the region's stream Redis, else a peer's name),
+    the URL of the node serving each key the gateway uses there (see :func:`routed_keys`); each
+    key is then reached through a client of its node, so every transaction and function call
+    stays on one node (after the topology is refreshed, through a client of its new node)."""
 
     names = Names(config.streams.namespace, config.streams.local)
-    router = Router(config, connector, stack, metrics, nodes or {})
+    router = Router(config, connector, stack, metrics, topology.nodes if topology else {})
     local, reads, route = router.local, router.reads, router.route
     cache_client: AsyncRedis | RedisCluster = local
     if config.cache is not None or config.redis.cluster:
@@ -337,6 +343,7 @@ def open_region(
         peer_clocks={name: ServerClock() for name in peers},
         route=route,
         peer_route=router.peer_route,
+        topology=topology,
     )
 
 

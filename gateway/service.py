@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from invalgw import logs, tracing
 from invalgw.config import RedisEndpoint, RegionConfig, redact
-from invalgw.connections import REDIS_ERRORS, Connector, cluster_nodes, connect
+from invalgw.connections import REDIS_ERRORS, Connector, connect
 from invalgw.errors import GatewayError
 from invalgw.forward import Forwarder
 from invalgw.functions import Fence
@@ -36,6 +36,7 @@ from invalgw.pipeline import build_pipeline
 from invalgw.region import Region, open_region, routed_keys
 from invalgw.sharing import Sharing
 from invalgw.stages import Drain, backoff_seconds, log_failure, until_ok
+from invalgw.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Gateway:
                 self._serve_metrics(stack)
                 ticks.start_soon(self.health.keep_ticking)
                 stack.callback(ticks.cancel_scope.cancel)
-                nodes = await self._cluster_nodes()
+                topology = await self._topology()
                 region = open_region(
                     self.config,
                     stack=stack,
@@ -92,10 +93,10 @@ class Gateway:
                     drain=self.drain,
                     connector=self.connector,
                     tracer_provider=self.tracer_provider,
-                    nodes=nodes,
+                    topology=topology,
                 )
                 parts = region.partitions()
-                ready = nodes is not None or not routed_keys(self.config)
+                ready = topology is not None or not routed_keys(self.config)
                 for part in parts if ready else []:
                     ready = ready and await until_ok(
                         partial(_refused_is_fatal, part),
@@ -121,24 +122,20 @@ class Gateway:
                 stack.push_async_callback(self._release_lease, lease)
                 await self._run(region, parts, lease, task_status)
 
-    async def _cluster_nodes(self) -> dict[str, dict[str, str]] | None:
+    async def _topology(self) -> Topology | None:
         """For each Redis Cluster (the region's stream Redis, ``""``, or a peer's), the node
-        serving each key the gateway uses there, read once at start (after a resharding moves
-        one, restart the gateway); None when there is none, or if drained before they answered."""
+        serving each key the gateway uses there (re-read when one moves: see
+        :mod:`invalgw.topology`); None when there is none, or if drained before they answered."""
         config = self.config
         wanted = routed_keys(config)
         if not wanted:
             return None
         endpoints: dict[str, RedisEndpoint] = {"": config.redis}
         endpoints.update((peer.name, peer) for peer in config.peers)
-        found: dict[str, dict[str, str]] = {}
-
-        async def read() -> None:
-            for target, keys in wanted.items():
-                found[target] = await cluster_nodes(endpoints[target], keys)
-
-        await until_ok(read, self.drain, name=f"{config.region}: cluster nodes", on_error=_no_count)
-        return found if len(found) == len(wanted) else None
+        topology = Topology(endpoints, wanted)
+        name = f"{config.region}: cluster nodes"
+        read = await until_ok(topology.read, self.drain, name=name, on_error=_no_count)
+        return topology if read else None
 
     async def _take_lease(self, region: Region, lease: RegionLease) -> bool:
         """Wait, as a standby, until this gateway holds the region's lease; False if drained."""
@@ -228,6 +225,8 @@ class Gateway:
             for each in chores:
                 each.start(background)
             background.start_soon(self._keep_lease, region, lease)
+            if region.topology is not None:
+                background.start_soon(self._follow_peers, region)
             async with anyio.create_task_group() as workers:
                 await workers.start(region.scanner.run)
                 await workers.start(region.retries.run)
@@ -249,6 +248,23 @@ class Gateway:
                 except REDIS_ERRORS as exc:
                     log.warning("could not save the final status: %s", exc)
             background.cancel_scope.cancel()
+
+    async def _follow_peers(self, region: Region) -> None:
+        """Unpartitioned, only peers' Redis may be clusters: when one answers MOVED (or a node
+        stays unreachable), re-read its slot map and point the sender at the node now serving
+        this region's mirror stream there."""
+        topology, peer_route = region.topology, region.peer_route
+        assert topology is not None
+        assert peer_route is not None
+        while True:
+            await topology.wait(1.0)
+            changed = await topology.refresh(topology.due())
+            for peer, cause in changed.items():
+                forwarder = self.forwarders.get(peer)
+                if forwarder is not None:
+                    forwarder.reroute(peer_route(peer, region.names.mirror(region.name)))
+                    log.warning("%s: the sender to %s moved to another node", region.name, peer)
+                    self.metrics.partition_reroutes.labels(region.name, cause).inc()
 
     def _serve_metrics(self, stack: AsyncExitStack) -> None:
         metrics = self.config.metrics

@@ -22,6 +22,7 @@ from invalgw.partlease import Lease, PartitionLeases
 from invalgw.pipeline import build_pipeline
 from invalgw.region import Region
 from invalgw.stages import Drain, log_failure, until_ok
+from invalgw.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,16 @@ class Sharing:
             await tg.start(region.scanner.run)
             await tg.start(region.retries.run)
             started = False
+            if region.topology is not None:
+                tg.start_soon(self._follow, region.topology, tg)
             while not region.drain.requested:
                 try:
                     decided = await self.leases.round()
                     failures = 0
                 except REDIS_ERRORS as exc:
                     failures += 1
+                    if region.topology is not None:
+                        region.topology.saw("", exc)
                     log_failure(f"{region.name}: partition leases", exc, failures)
                 else:
                     for p in decided.stop:
@@ -92,6 +97,52 @@ class Sharing:
                         stopping.start_soon(self._stop, p, self.running.pop(p), True)
             self._owned.set(0)
             log.info("%s: every partition stopped and released", region.name)
+
+    async def _follow(self, topology: Topology, tg: anyio.abc.TaskGroup) -> None:
+        """Until the region's drain: re-read the slot map when the stages say a node answered
+        MOVED (or stays unreachable), and move the partitions that moved (apart from the lease
+        rounds, which a slow cluster must not delay)."""
+        while not self.region.drain.requested:
+            with self.region.drain.interruptible():
+                await topology.wait(1.0)
+            if not self.region.drain.requested:
+                await self._reroute(topology, tg)
+
+    async def _reroute(self, topology: Topology, tg: anyio.abc.TaskGroup) -> None:
+        """Re-read the slot map of the clusters the stages saw answer MOVED (or stay
+        unreachable); restart, at once, each partition whose keys (or whose mirror streams, here
+        or in a peer's cluster) are now served by another node, with clients of the new node.
+        Its lease, consumer groups, pending entries and cursors moved with the slot: it goes on
+        where it stopped, and whatever it had not acknowledged is handled again."""
+        changed = await topology.refresh(topology.due())
+        if not changed or self.region.drain.requested:
+            return
+        cause = "moved" if "moved" in changed.values() else "unreachable"
+        region = self.region
+        if region.route is not None:  # the scanner's dead letters
+            region.dead_letters.client = region.route(region.names.dead_letters, "local")
+        fresh = region.partitions()
+        for p, part in enumerate(fresh):
+            if _clients(part) == _clients(self.parts[p]):
+                continue
+            self.parts[p] = part
+            self.leases.leases[p].client = part.local
+            region.metrics.partition_reroutes.labels(region.name, cause).inc()
+            old = self.running.get(p)
+            if old is None:  # its lease is followed there
+                log.info("%s: partition %d is served by another node now", region.name, p)
+                continue
+            log.warning(
+                "%s: partition %d is served by another node now: restarting it there",
+                region.name,
+                p,
+            )
+            self.running[p] = running = Running()
+            tg.start_soon(self._restart, p, old, running)
+
+    async def _restart(self, p: int, old: Running, running: Running) -> None:
+        await self._stop(p, old, False)
+        await self._run_partition(p, running)
 
     async def _stop(self, p: int, running: Running | None, release: bool) -> None:
         """Stop partition ``p``: drained then released, or (lost) at once and not released."""
@@ -128,6 +179,12 @@ class Sharing:
                     await _stages(part)
         finally:
             running.done.set()
+
+
+def _clients(part: Region) -> list[object]:
+    """The clients a partition's stages use: of its own node, peers' and mirrors' nodes."""
+    mirrors = [client for mirror in part.mirrors for client in (mirror.client, mirror.reads)]
+    return [part.local, part.reads, *part.peers.values(), *mirrors]
 
 
 async def _stages(part: Region) -> None:

@@ -94,6 +94,8 @@ class PeerWindow:
     ) -> None:
         self.peer = peer
         self.remote = remote
+        """The peer's client (of the node serving the mirror stream: see ``Forwarder.reroute``)."""
+        self._pool = remote.connection_pool
         self.mirror_keys = mirror_keys
         self.mirror_max_len = mirror_max_len
         self.drain = drain
@@ -155,8 +157,9 @@ class PeerWindow:
 
     async def open(self) -> None:
         """Take a connection of its own and write every unconfirmed envelope on it again."""
+        self._pool = self.remote.connection_pool  # the remote may change between sessions
         try:
-            self._connection = await self.remote.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._link_up.set(0)
             raise
@@ -170,7 +173,7 @@ class PeerWindow:
         if connection is not None:
             with anyio.move_on_after(1, shield=True):
                 await connection.disconnect()  # replies may be left unread: never reuse it
-                await self.remote.connection_pool.release(connection)
+                await self._pool.release(connection)
 
     async def send(self) -> None:
         """Write the envelopes not yet written, as far as the window allows."""

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -82,6 +83,62 @@ def redis_cluster(primaries: int = 3) -> Iterator[list[RedisProcess]]:
     finally:
         for node in nodes:
             node.cleanup()
+
+
+@contextlib.contextmanager
+def replica_of(primary: RedisProcess, timeout_s: float = 20.0) -> Iterator[RedisProcess]:
+    """A new node, joined to ``primary``'s cluster as its replica, in sync and known to every
+    node as its replica (so they vote for it when ``primary`` fails)."""
+    replica = _start_node()
+    try:
+        primary_id = _command(primary, "CLUSTER", "MYID").decode()
+        _command(replica, "CLUSTER", "MEET", "127.0.0.1", str(primary.port))
+        deadline = time.monotonic() + timeout_s
+        while True:  # REPLICATE needs the primary in the new node's table first
+            try:
+                _command(replica, "CLUSTER", "REPLICATE", primary_id)
+                break
+            except redis.ResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        peers = _command(primary, "CLUSTER", "NODES").decode().splitlines()
+        ports = [int(line.split()[1].split(":")[1].split("@")[0]) for line in peers]
+        replica_id = _command(replica, "CLUSTER", "MYID").decode()
+        for port in ports:
+            while not _knows_replica(port, replica_id, primary_id):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {port} does not know the replica yet")
+                time.sleep(0.05)
+        while _command(replica, "INFO", "replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the replica is not in sync")
+            time.sleep(0.05)
+        yield replica
+    finally:
+        replica.cleanup()
+
+
+def _knows_replica(port: int, replica_id: str, primary_id: str) -> bool:
+    """Whether the node at ``port`` lists ``replica_id`` as a replica of ``primary_id``."""
+    client = redis.Redis(port=port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+    try:
+        table: bytes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    for line in table.decode().splitlines():
+        node_id, _address, flags, primary, *_rest = line.split()
+        if node_id == replica_id:
+            return "slave" in flags.split(",") and primary == primary_id
+    return False
+
+
+def _command(node: RedisProcess, *args: str) -> Any:
+    client = redis.Redis(port=node.port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
 
 
 def _wait_ok(nodes: list[RedisProcess], timeout_s: float = 20.0) -> None:
