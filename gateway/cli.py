@@ -33,7 +33,7 @@ CONFIG_HELP = "the region's config file (regions/<name>.toml)"
 
 @dataclass(frozen=True)
 class CheckOptions:
-    config: str
+    config: tuple[str, ...]
     json: bool = False
     offline: bool = False
 
@@ -109,11 +109,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     check = commands.add_parser(
-        "check", help="validate a region config and reach every Redis it names"
+        "check",
+        help="validate a region config and reach every Redis it names",
+        description="Validate each region config, check that what it says of its peers' "
+        "partitions matches their own files (given with it, or <peer>.toml next to it), and "
+        "reach every Redis it names.",
     )
-    check.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
     check.add_argument(
-        "--json", action="store_true", help="print the result as one JSON object, for scripts"
+        "--config",
+        required=True,
+        action="append",
+        metavar="FILE",
+        help=f"{CONFIG_HELP}; give it once per region to check several together",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object (one line per config), for scripts",
     )
     check.add_argument(
         "--offline",
@@ -191,13 +203,31 @@ def _fence_version(text: str) -> int:
 
 
 def cmd_check(options: CheckOptions) -> int:
-    config = load_config(options.config)
+    from invalgw.ops.peerfiles import given, partition_mismatches
+
+    configs = {path: load_config(path) for path in options.config}
+    together = [given(path, config) for path, config in configs.items()]
+    mismatched = [
+        ConfigError(path, problems)
+        for path, config in configs.items()
+        if (problems := partition_mismatches(path, config, together))
+    ]
+    if mismatched:
+        for error in mismatched:
+            for line in str(error).splitlines():
+                print(f"invalgw: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    return max(_check_one(path, config, options) for path, config in configs.items())
+
+
+def _check_one(path: str, config: RegionConfig, options: CheckOptions) -> int:
+    """Report on one valid config: reach every Redis it names (unless ``--offline``)."""
     if not options.json:
-        print(f"{options.config}: valid config for region {config.region}")
+        print(f"{path}: valid config for region {config.region}")
     results = [] if options.offline else anyio.run(_reach_all, config)
     failed = any(not result.ok for result in results)
     if options.json:
-        report = {"config": options.config, "region": config.region, "ok": not failed}
+        report = {"config": path, "region": config.region, "ok": not failed}
         report["targets"] = [msgspec.structs.asdict(result) for result in results]
         print(msgspec.json.encode(report).decode())
     else:

@@ -14,6 +14,11 @@ origin ID the peer already holds, so a batch re-sent after a crash or a lost rep
 as delivered. Envelopes wait in a window (:mod:`invalgw.window`) until the peer confirms them;
 after a failure the same envelopes go again, in order.
 
+No entry stops a sender: what fails, on something other than Redis, while a batch's entries are
+turned into an envelope is tried again from the stream, then entry by entry, and an entry that
+keeps failing is dead-lettered and the peer told of a gap for it
+(:class:`invalgw.poison.SenderGuard`).
+
 A drain need not wait for a peer that does not answer: a call still running
 :data:`~invalgw.window.DRAIN_GRACE_S` after the drain started is abandoned; the cursor stays
 before its entries, and the next gateway sends them again.
@@ -36,11 +41,13 @@ from invalgw.clock import ServerClock
 from invalgw.conflate import conflate
 from invalgw.connections import REDIS_ERRORS, AsyncRedis
 from invalgw.cursor import SenderCursor
+from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
 from invalgw.feed import FedBatch, Feed, Subscription
 from invalgw.functions import Fence
 from invalgw.metrics import Metrics
 from invalgw.names import Names
+from invalgw.poison import PoisonedBatch, SenderGuard, preparing
 from invalgw.proto import Batch, Heartbeat, Invalidation, Limits, StreamId, encode_envelope
 from invalgw.proto.streamid import ZERO
 from invalgw.read import Entry, GroupReader
@@ -119,6 +126,7 @@ class Forwarder:
         claim_idle_ms: int = 60_000,
         backoff_cap_ms: int = 5000,
         on_error: Callable[[Exception], None] | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.region = region
         self.name = f"to:{peer}"
@@ -135,6 +143,7 @@ class Forwarder:
         self.claim_idle_ms = claim_idle_ms
         self.backoff_cap_ms = backoff_cap_ms
         self._on_error = on_error or (lambda exc: None)
+        self.guard = SenderGuard(dead_letters, name=self.name, stream=reader.stream)
         self.subscription = (feed or Feed()).subscribe(feed_bound)
         self._link_key = names.link(peer)
         self._mirror = names.mirror(region, names.partition_index)
@@ -171,6 +180,8 @@ class Forwarder:
         self.pending_gap: tuple[str, str] | None = None
         self._gap_sent: tuple[str, str] | None = None
         """The pending gap, while an envelope carrying it waits for the peer's reply."""
+        """The last gap the peer appended: not sent again while the link state still holds it
+        (from the peer's confirmation until the next save clears it)."""
         self._forwarded = metrics.forwarded.labels(region, peer)
         self._duplicates = metrics.duplicates.labels(region, peer)
         self._batch = metrics.batch_size.labels(region, "forward")
@@ -178,6 +189,7 @@ class Forwarder:
         self._saving = _Saving()
         self._unsaved = False
         self._progressed = False
+        self._failures = 0
 
     def reroute(self, remote: AsyncRedis) -> None:
         """Reach the peer's mirror stream through ``remote`` from the next session on: its slot
@@ -222,7 +234,6 @@ class Forwarder:
         task_status.started()
         if not started:
             return
-        failures = 0
         while not self.drain.requested:
             try:
                 await self._session()
@@ -231,14 +242,25 @@ class Forwarder:
             except* REDIS_ERRORS as errors:
                 exc = errors.exceptions[0]
                 assert isinstance(exc, Exception)
-                failures = 1 if self._progressed else failures + 1
                 self._on_error(exc)
                 self._spans_failed(exc)
+                failures = self._failed()
                 log_failure(self.name, exc, failures)
-                self.subscription.leave()  # catch up from the stream once the peer answers
                 await self.drain.sleep(backoff_seconds(failures, cap_ms=self.backoff_cap_ms))
+            except* PoisonedBatch as errors:  # about entries read: tried again, then dead-lettered
+                poisoned = errors.exceptions[0]
+                assert isinstance(poisoned, PoisonedBatch)
+                self._failed()
+                attempts = self.guard.failed(poisoned)
+                await self.drain.sleep(backoff_seconds(attempts, cap_ms=self.backoff_cap_ms))
         self.subscription.leave()
         log.info("%s: drained", self.name)
+
+    def _failed(self) -> int:
+        """Count a failed session (again from 1 after one that made progress); returns the count."""
+        self._failures = 1 if self._progressed else self._failures + 1
+        self.subscription.leave()  # catch up from the stream, from the cursor
+        return self._failures
 
     def _spans_failed(self, exc: Exception) -> None:
         """End the ``send`` spans of the envelopes the peer did not answer as failed (ERROR,
@@ -254,6 +276,10 @@ class Forwarder:
         self._progressed = False
         self.window.keep_epoch(self._follow_epoch())  # envelopes of a lost stream are not sent
         try:
+            buried = await self.guard.bury()
+            if buried is not None:  # the peer misses it: tell it (with the next envelope)
+                after = str(StreamId.parse(buried).previous())
+                await self.add_gap(after, buried.decode(), why="were dead-lettered, not sent")
             await self.window.open()
             async with anyio.create_task_group() as replies:
                 replies.start_soon(self.window.serve, self._confirmed, self._commit)
@@ -299,83 +325,76 @@ class Forwarder:
             await self._catch_up(fed.last if fed.after is None else fed.after)
             if fed.after is None or fed.last <= self.position or self.drain.requested:
                 return
-        if fed.after < self.position:  # partly sent already: the rest, parsed on its own
-            # (not fed.events filtered: conflation may have folded a key of the rest into an
+        if fed.after < self.position or self.guard.skips(fed.entries):
+            # partly sent already (or holding an entry dead-lettered): the rest, parsed on its
+            # own (not fed.events filtered: conflation may have folded a key of the rest into an
             # entry already sent, which the peer applied before the rest was written)
             entries = [e for e in fed.entries if StreamId.parse(e[0]) > self.position]
-            valid, _dead, _lost = parse_batch(entries, self.limits)
-            events, _conflated = conflate(valid)
-            await self.deliver(events, fed.last, len(entries))
+            await self._send_entries(entries)
         else:
-            await self.deliver(fed.events, fed.last, len(fed.entries), encoded=fed)
+            await self.deliver(fed.events, fed.last, fed.entries, encoded=fed)
 
     async def _catch_up(self, until: StreamId | None) -> None:
         """Send the entries after the cursor (up to ``until``, or to the end) in batches."""
         end = "+" if until is None else str(until)
-        count = self.reader.count
         while not self.drain.requested:
+            count = self.guard.count(self.position, self.reader.count)
             reply: Any = await self.local.xrange(
                 self.reader.stream, f"({self.position}", end, count=count
             )
             entries: list[Entry] = reply
             if not entries:
                 return
-            valid, _dead, _lost = parse_batch(entries, self.limits)  # dead: the apply's business
-            valid, _conflated = conflate(valid)  # counted by the local apply
-            await self.deliver(valid, StreamId.parse(entries[-1][0]), len(entries))
+            await self._send_entries(entries)
             if len(entries) < count:
                 return
+
+    async def _send_entries(self, entries: Sequence[Entry]) -> None:
+        """Parse and conflate ``entries`` (read from the stream), and send them; entries
+        dead-lettered are passed over (their gap goes to the peer)."""
+        with preparing(entries):
+            valid, _dead, _lost = parse_batch(self.guard.kept(entries), self.limits)
+            valid, _conflated = conflate(valid)  # dead and conflated: counted by the local apply
+        await self.deliver(valid, StreamId.parse(entries[-1][0]), entries)
 
     # -- one batch ------------------------------------------------------------------------------
 
     async def __call__(self, entries: Sequence[Entry]) -> None:
         """Deliver ``entries`` (read from this sender's group) and acknowledge them."""
         if not entries:
-            await self.deliver([], self.position, 0)
+            await self.deliver([], self.position, ())
             return
-        valid, _dead, lost = parse_batch(entries, self.limits)
+        with preparing(entries):
+            valid, _dead, lost = parse_batch(self.guard.kept(entries), self.limits)
         if lost:
             self.note_gap(str(StreamId.parse(lost[0]).previous()), lost[-1].decode())
         last = StreamId.parse(entries[-1][0])
-        await self.deliver(valid, last, len(entries), ack=[entry_id for entry_id, _ in entries])
+        await self.deliver(valid, last, entries, ack=[entry_id for entry_id, _ in entries])
 
     async def deliver(
         self,
         valid: Sequence[Invalidation],
         cursor: StreamId,
-        count: int,
+        entries: Sequence[Entry],
         *,
         ack: Sequence[bytes] = (),
         encoded: FedBatch | None = None,
     ) -> None:
-        """Send ``valid`` (with a pending gap notice); the cursor moves to ``cursor``, ``count``
-        entries of the stream further, once the peer confirmed. ``encoded``: the fed batch
-        ``valid`` comes from, whose events are encoded once for every peer."""
+        """Send ``valid`` (with a pending gap notice); the cursor moves to ``cursor``, past
+        ``entries`` (what ``valid`` was read from), once the peer confirmed. ``encoded``: the fed
+        batch ``valid`` comes from, whose events are encoded once for every peer."""
         epoch = self._follow_epoch()
         with self.drain.interruptible():
             await self.window.room()
         if self.window.full:  # a drain stopped the wait: the cursor stays before these entries
             return
+        out = Outgoing(
+            "", epoch, self.last, b"", cursor, len(entries), prev=self.last, ack=list(ack)
+        )
         gap = self._gap_to_send()
-        out = Outgoing("", epoch, self.last, b"", cursor, count, prev=self.last, ack=list(ack))
         if valid or gap:
-            raw: msgspec.Raw | None = None
-            events: Sequence[Invalidation] = valid
-            if encoded is None or encoded.traced:
-                events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
-            if encoded is not None and not out.spans:
-                raw = encoded.encoded_events
-            batch = (BatchOut if raw is not None else Batch)(
-                origin=self.region,
-                epoch=epoch,
-                prev=self.last,
-                events=raw if raw is not None else events,  # type: ignore[arg-type]
-                sent_ms=int(self.clock.now_ms()),
-                gap_from=gap[0] if gap else None,
-                gap_to=gap[1] if gap else None,
-            )
-            out.kind = "batch" if valid else "notice"
-            out.payload, out.gap = _encoder.encode(batch), gap
+            with preparing(entries):
+                self._envelope(out, valid, gap, encoded)
             if valid:
                 out.last = self.last = valid[-1].id
                 out.events = len(valid)
@@ -384,6 +403,32 @@ class Forwarder:
         self.position = max(self.position, cursor)
         self._batch.observe(len(valid))
         await self._flush()
+
+    def _envelope(
+        self,
+        out: Outgoing,
+        valid: Sequence[Invalidation],
+        gap: tuple[str, str] | None,
+        encoded: FedBatch | None,
+    ) -> None:
+        """Fill in ``out``: the batch envelope of ``valid`` (a notice if none), and its spans."""
+        raw: msgspec.Raw | None = None
+        events: Sequence[Invalidation] = valid
+        if encoded is None or encoded.traced:
+            events, out.spans = self.tracer.start_forward(self.peer, self._mirror, valid)
+        if encoded is not None and not out.spans:
+            raw = encoded.encoded_events
+        batch = (BatchOut if raw is not None else Batch)(
+            origin=self.region,
+            epoch=out.epoch,
+            prev=self.last,
+            events=raw if raw is not None else events,  # type: ignore[arg-type]
+            sent_ms=int(self.clock.now_ms()),
+            gap_from=gap[0] if gap else None,
+            gap_to=gap[1] if gap else None,
+        )
+        out.kind = "batch" if valid else "notice"
+        out.payload, out.gap = _encoder.encode(batch), gap
 
     def _gap_to_send(self) -> tuple[str, str] | None:
         return self.pending_gap if self._gap_sent is None else None
@@ -503,21 +548,23 @@ class Forwarder:
             if not self.window.is_open:  # else their replies come, and are ignored
                 self.window.clear()
             self._gap_sent = None
+            self.guard.reset()  # failures were on entries of the lost stream
         return epoch
 
-    def note_gap(self, after: str, upto: str) -> None:
-        """Entries this peer never received were deleted: tell it with the next envelope."""
+    def note_gap(self, after: str, upto: str, *, why: str = "were deleted before delivery") -> None:
+        """Entries this peer never received were deleted (or dead-lettered): tell it with the
+        next envelope."""
         if self.pending_gap is not None:
             after = min(after, self.pending_gap[0], key=StreamId.parse)
             upto = max(upto, self.pending_gap[1], key=StreamId.parse)
         self.pending_gap = (after, upto)
-        log.warning(
-            "%s: entries after %s up to %s were deleted before delivery", self.peer, after, upto
-        )
+        log.warning("%s: entries after %s up to %s %s", self.peer, after, upto, why)
 
-    async def add_gap(self, after: str, upto: str) -> None:
+    async def add_gap(
+        self, after: str, upto: str, *, why: str = "were deleted before delivery"
+    ) -> None:
         """:meth:`note_gap`, kept in the link state too, so that a restart still sends it."""
-        self.note_gap(after, upto)
+        self.note_gap(after, upto, why=why)
         if self.pending_gap is not None:
             gap_after, gap_upto = self.pending_gap
             await self.local.hset(

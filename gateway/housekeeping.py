@@ -68,6 +68,7 @@ class Chores:
             on_gap=self._trimmed_before_delivery,
             groups_needed=[APPLY_GROUP, *(forward_group(peer.name) for peer in config.peers)],
             reported_key=names.lost,
+            epoch_key=names.epoch,
         )
         self.mirror_trimmers = [
             StreamTrimmer(mirror.client, mirror.stream, max_len=config.streams.mirror_max_len)

@@ -104,6 +104,7 @@ def build_pipeline(region: Region) -> Pipeline:
             claim_idle_ms=config.gateway.claim_idle_ms,
             backoff_cap_ms=config.gateway.retry_backoff_cap_ms,
             on_error=region.counts_errors(name),
+            dead_letters=region.dead_letters,
         )
         pipeline.forwarders[peer.name] = forwarder
         pipeline.stages.append(forwarder)

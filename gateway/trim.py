@@ -16,7 +16,12 @@ deleted the entries (this cap, a producer's ``XTRIM`` or ``XADD MAXLEN``, an ``X
   before the first one, when an entry seen after the position is gone (trimming: Redis 7.0 does
   not move ``max-deleted-entry-id`` when it trims);
 - the range is reported once; what was reported is kept in Redis (hash ``<namespace>:lost``), so a
-  restarted gateway does not report it again.
+  restarted gateway does not report it again;
+- what a round remembers for the next (positions, the next entries, the highest deleted ID)
+  belongs to one history of the stream: when the region's epoch key (:mod:`invalgw.epoch`) is
+  gone (Redis restarted empty) or changed (the stream was lost and a reader started a new epoch),
+  it is forgotten. The new epoch's gap already covers the lost history; positions in the lost
+  stream compared with the new one would report a second, redundant range.
 
 How exact: the upper bound is the last deleted ID; the lower bound is the group's position, which
 can be a little early (by what the group read during the round's few milliseconds, or since the
@@ -142,6 +147,7 @@ class StreamTrimmer:
         on_gap: OnGap | None = None,
         groups_needed: Collection[str] = (),
         reported_key: str | None = None,
+        epoch_key: str | None = None,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -149,6 +155,9 @@ class StreamTrimmer:
         self.on_gap = on_gap
         self.groups_needed = groups_needed
         self.reported_key = reported_key
+        self.epoch_key = epoch_key
+        self._epoch: bytes | None = b""
+        """The epoch what is remembered belongs to (b"": not read yet; None: the key was gone)."""
         self._reported: dict[str, StreamId] | None = None
         self._had: dict[str, StreamId] = {}
         """Each group's last-delivered ID at the end of the last round."""
@@ -189,7 +198,11 @@ class StreamTrimmer:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xinfo_stream(self.stream)
             pipe.xinfo_groups(self.stream)
-            info, raw_groups = await pipe.execute()
+            if self.epoch_key is not None:
+                pipe.get(self.epoch_key)
+            info, raw_groups, *epoch = await pipe.execute()
+        if epoch:
+            self._follow_epoch(epoch[0])
         groups = [GroupPosition.parse(group) for group in raw_groups]
         behind = [group for group in groups if group.pending]
         if behind:
@@ -202,6 +215,16 @@ class StreamTrimmer:
                         group.has = min(group.has, oldest)
                         group.received = max(group.received, StreamId.parse(summary["max"]))
         return self._remember(StreamState.parse(info)), groups
+
+    def _follow_epoch(self, epoch: bytes | None) -> None:
+        """Forget what was remembered of the stream when its history was lost: the epoch key is
+        gone (Redis restarted empty) or another one (a reader started a new epoch). Its coming
+        back after being gone is the new epoch of the same loss: nothing more to forget."""
+        if self._epoch and epoch != self._epoch:
+            log.info("stream %s: history lost; its positions are forgotten", self.stream)
+            self._had, self._next, self._reported = {}, {}, None
+            self._max_deleted, self._added = StreamId(0, 0), None
+        self._epoch = epoch
 
     def _pace(self, state: StreamState) -> None:
         """Shorten the interval so that a quarter of the cap's margin arrives between rounds."""

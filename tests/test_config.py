@@ -27,6 +27,7 @@ from invalgw.config import (
 from invalgw.connections import connect, connect_sync
 from invalgw.dev.localredis import free_port
 from invalgw.errors import ConfigError
+from invalgw.ops.peerfiles import given, partition_mismatches
 from invalgw.proto import Limits, parse_entry
 from tests.conftest import REGIONS, make_configs, write_config
 from tests.processes import die_with_parent
@@ -728,3 +729,82 @@ def test_run_names_a_metrics_port_in_use(tmp_path: Path) -> None:
 def test_linger_is_bounded(tmp_path: Path, linger_ms: int) -> None:
     path = write(tmp_path, MINIMAL + f"[gateway]\nlinger_ms = {linger_ms}\n")
     assert main(["check", "--config", str(path)]) == 2
+
+
+# --- a peer's partitions, against the peer's own file ---------------------------------------
+
+
+def region_file(region: str, peers: dict[str, int], partitions: int = 1, url: str = "") -> str:
+    """A region file: its stream's partitions, and each peer with the partitions it names."""
+    text = f'region = "{region}"\n\n[redis]\nurl = "{url or "redis://127.0.0.1:6379/0"}"\n'
+    text += f"\n[streams]\npartitions = {partitions}\n"
+    for peer, count in peers.items():
+        text += f'\n[[peers]]\nname = "{peer}"\nurl = "redis://127.0.0.1:6380/0"\n'
+        text += f"partitions = {count}\n"
+    return text
+
+
+def test_a_peer_s_partitions_are_held_to_the_peer_s_own_file(tmp_path: Path) -> None:
+    east = write(tmp_path, region_file("us-east", {"eu-west": 4, "ap-south": 1}))
+    west = write(tmp_path, region_file("eu-west", {}, 8), "w.toml")
+    config = load_config(east)
+    together = [given(str(west), load_config(west))]
+    [problem] = partition_mismatches(str(east), config, together)
+    assert problem == (
+        f"peers[0].partitions: 4 for peer 'eu-west', but {west} has [streams] partitions = 8; "
+        "they must match, or the mirror streams of eu-west here are named for the wrong "
+        "partitions"
+    )
+    write(tmp_path, region_file("eu-west", {}, 4), "w.toml")
+    assert partition_mismatches(str(east), config, [given(str(west), load_config(west))]) == []
+    assert partition_mismatches(str(east), config) == [], "nothing at hand: nothing to compare"
+
+
+def test_the_peer_s_file_beside_is_read_without_its_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``<peer>.toml`` next to the file is compared too; its ``${VAR}`` need not be set here."""
+    monkeypatch.delenv("WEST_PASSWORD", raising=False)
+    east = write(tmp_path, region_file("us-east", {"eu-west": 1, "ap-south": 2}))
+    url = "redis://gw:${WEST_PASSWORD}@127.0.0.1:6379/0"
+    beside = write(tmp_path, region_file("eu-west", {}, 2, url), "eu-west.toml")
+    write(tmp_path, "region = [not toml", "ap-south.toml")  # its own check says what is wrong
+    [problem] = partition_mismatches(str(east), load_config(east))
+    assert problem.startswith(f"peers[0].partitions: 1 for peer 'eu-west', but {beside} has ")
+    assert "[streams] partitions = 2;" in problem
+    write(tmp_path, region_file("ap-south", {}, 2), "ap-south.toml")
+    write(tmp_path, region_file("eu-west", {}, 1, url), "eu-west.toml")
+    assert partition_mismatches(str(east), load_config(east)) == []
+    write(tmp_path, region_file("somewhere", {}, 5), "eu-west.toml")  # another region's file
+    assert partition_mismatches(str(east), load_config(east)) == []
+
+
+def test_check_refuses_peers_partitions_that_differ_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    east = write(tmp_path / "a", region_file("us-east", {"eu-west": 1}, 2))
+    west = write(tmp_path / "b", region_file("eu-west", {"us-east": 2}, 3), "west.toml")
+    assert main(["check", "--offline", "--config", str(east)]) == 0, "eu-west's file not at hand"
+    capsys.readouterr()
+    assert main(["check", "--offline", "--config", str(east), "--config", str(west)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"invalgw: {east}: peers[0].partitions: 1 for peer 'eu-west', but {west} has "
+        "[streams] partitions = 3; they must match, or the mirror streams of eu-west here are "
+        "named for the wrong partitions\n"
+    )
+    write(tmp_path / "b", region_file("eu-west", {"us-east": 2}, 1), "west.toml")
+    assert main(["check", "--offline", "--config", str(east), "--config", str(west)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{east}: valid config for region us-east",
+        f"{west}: valid config for region eu-west",
+    ]
+    # beside it: eu-west.toml in the same directory is compared without being named
+    write(tmp_path / "a", region_file("eu-west", {"us-east": 2}, 1), "eu-west.toml")
+    assert main(["check", "--offline", "--config", str(east)]) == 0
+    write(tmp_path / "a", region_file("eu-west", {"us-east": 1}, 1), "eu-west.toml")
+    assert main(["check", "--offline", "--config", str(tmp_path / "a" / "eu-west.toml")]) == 2
+    assert f"peers[0].partitions: 1 for peer 'us-east', but {east} has" in capsys.readouterr().err

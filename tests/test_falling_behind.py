@@ -21,7 +21,7 @@ import redis.asyncio
 
 from invalgw.config import RegionConfig
 from invalgw.dev.wanproxy import WanProxy
-from invalgw.names import Names
+from invalgw.names import APPLY_GROUP, Names
 from invalgw.proto import Batch, StreamId, decode_envelope, entry_fields
 from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.trim import cap_margin
@@ -253,11 +253,11 @@ async def test_restarting_each_region_s_redis_under_load_records_no_gap(
             await client.mset(dict.fromkeys(everything, "cached"))
         await start(processes, configs)
 
+        writers = [Writer(by_region[region], configs[region].streams.local) for region in urls]
         async with anyio.create_task_group() as tg:
-            for region in urls:
-                stream = configs[region].streams.local
-                tg.start_soon(write_through_restarts, by_region[region], stream, keys[region])
-            tg.start_soon(restart_each_twice, aof_servers)
+            for writer, region in zip(writers, urls, strict=True):
+                tg.start_soon(writer.write_through_restarts, keys[region])
+            tg.start_soon(restart_each_twice, aof_servers, writers)
 
         for region, client in by_region.items():
             await wait_until(
@@ -270,25 +270,64 @@ async def test_restarting_each_region_s_redis_under_load_records_no_gap(
             assert gaps == [], f"{region} recorded gaps: {gaps}"
 
 
-async def write_through_restarts(client: redis.asyncio.Redis, stream: str, keys: list[str]) -> None:
-    """One invalidation per key, 10 every 20 ms (500/s); a write that fails is tried again."""
-    for n in range(0, len(keys), 10):
-        while True:
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for key in keys[n : n + 10]:
-                        pipe.xadd(stream, entry_fields([key]))  # type: ignore[arg-type]
-                    await pipe.execute()
-                break
-            except redis.ConnectionError:  # that Redis is restarting
-                await anyio.sleep(0.05)
-        await anyio.sleep(0.02)
+class Writer:
+    """Writes one region's invalidations through the restarts; keeps the IDs written."""
+
+    def __init__(self, client: redis.asyncio.Redis, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+        self.written: list[bytes] = []
+        self.done = False
+
+    async def write_through_restarts(self, keys: list[str]) -> None:
+        """One invalidation per key, 10 every 20 ms (500/s); a write that fails is tried again."""
+        for n in range(0, len(keys), 10):
+            while True:
+                try:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key in keys[n : n + 10]:
+                            pipe.xadd(self.stream, entry_fields([key]))  # type: ignore[arg-type]
+                        ids: list[bytes] = await pipe.execute()
+                    break
+                except redis.ConnectionError:  # that Redis is restarting
+                    await anyio.sleep(0.05)
+            self.written += ids
+            await anyio.sleep(0.02)  # the pace of the load, not a wait for anything
+        self.done = True
+
+    async def applied(self, entry_id: bytes) -> bool:
+        """Whether the region's gateway has read ``entry_id`` for its local apply."""
+        try:
+            groups: Any = await self.client.xinfo_groups(self.stream)
+        except redis.ConnectionError:  # the test's connection to a restarted Redis
+            return False
+        return any(
+            group["name"] == APPLY_GROUP.encode()
+            and StreamId.parse(group["last-delivered-id"]) >= StreamId.parse(entry_id)
+            for group in groups
+        )
 
 
-async def restart_each_twice(servers: list[RedisServer]) -> None:
-    """A graceful restart (SIGTERM: the AOF is flushed) of each server in turn, twice."""
+WRITES_BETWEEN_RESTARTS = 400
+"""Each region writes this many invalidations (some 0.8 s) between two restarts, and its gateway
+reads the last of them, so that each restart meets gateways at work, not still reconnecting."""
+
+
+async def restart_each_twice(servers: list[RedisServer], writers: list[Writer]) -> None:
+    """A graceful restart (SIGTERM: the AOF is flushed) of each server in turn, twice, each once
+    every region wrote and applied more since the last one."""
     for server in [*servers, *servers]:
-        await anyio.sleep(1.0)
+        marks = [len(writer.written) + WRITES_BETWEEN_RESTARTS for writer in writers]
+
+        async def progressed(marks: list[int] = marks) -> bool:
+            for writer, mark in zip(writers, marks, strict=True):
+                if len(writer.written) < mark and not writer.done:
+                    return False
+                if not await writer.applied(writer.written[min(mark, len(writer.written)) - 1]):
+                    return False
+            return True
+
+        await wait_until(progressed, seconds=30, what="writes and applies since the last restart")
         await anyio.to_thread.run_sync(server.terminate)
         await anyio.to_thread.run_sync(server.restart)
 

@@ -171,3 +171,50 @@ async def test_backlog_is_zero_once_drained_after_an_aof_rewrite_and_restart(
             assert {g.name: g.backlog for g in await trimmer.round()} == {"apply": 0}
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("new_epoch_first", [True, False], ids=["rotated", "epoch-gone"])
+async def test_a_stream_lost_with_its_history_leaves_no_memory_to_report_a_second_gap(
+    client: redis.asyncio.Redis, namespace: str, *, new_epoch_first: bool
+) -> None:
+    """Redis restarted empty: the new epoch's gap (recorded by the readers) covers the lost
+    history. What the trimmer remembered of the lost stream (a group's next entry, the highest
+    deleted ID) is forgotten, whether its first round over the new stream comes after a reader
+    started the new epoch or before (the epoch key still gone); a loss in the new stream is
+    reported as ever."""
+    stream, epoch_key, lost = f"{namespace}:s", f"{namespace}:epoch", f"{namespace}:lost"
+    await client.set(epoch_key, "old")
+    old = await write(client, stream, 5)
+    await client.xgroup_create(stream, "apply", id="0")
+    await client.xgroup_create(stream, "to:peer", id="0")
+    await read(client, stream, "apply", 5)
+    await read(client, stream, "to:peer", 2)  # behind: its next entry is remembered
+    await client.xdel(stream, old[1])  # had by both: the highest deleted ID is remembered
+    gaps = Gaps()
+    trimmer = StreamTrimmer(
+        client,
+        stream,
+        max_len=1000,
+        on_gap=gaps,
+        groups_needed=["apply", "to:peer"],
+        reported_key=lost,
+        epoch_key=epoch_key,
+    )
+    await trimmer.round()
+    assert gaps.seen == []
+
+    await client.delete(stream, epoch_key, lost)  # what Redis held for this test: restarted empty
+    for group in ("apply", "to:peer"):  # the readers find their groups gone
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    if new_epoch_first:
+        await client.set(epoch_key, "new")
+    new = await write(client, stream, 30)
+    await trimmer.round()
+    await client.set(epoch_key, "new")
+    await trimmer.round()
+    assert gaps.seen == [], "the new epoch's gap covers the lost stream: nothing more to report"
+
+    await read(client, stream, "apply", 30)
+    trimmer.max_len = 10
+    await trimmer.round()
+    assert gaps.seen == [("to:peer", StreamId(0, 0), StreamId.parse(new[19]))]
