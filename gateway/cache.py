@@ -315,6 +315,14 @@ async def _scan_node(execute: Any, pattern: str, count: int) -> AsyncIterator[li
             return
 
 
+def unlink_commands(keys: Sequence[Key]) -> list[tuple[Any, ...]]:
+    """UNLINK commands for ``keys``, :data:`UNLINK_CHUNK` keys each."""
+    return [
+        ("UNLINK", *keys[start : start + UNLINK_CHUNK])
+        for start in range(0, len(keys), UNLINK_CHUNK)
+    ]
+
+
 def queue_unlink(pipe: Any, keys: Sequence[Key]) -> int:
     """Queue UNLINKs of ``keys`` on a pipeline; returns how many commands (replies) that is."""
     for start in range(0, len(keys), UNLINK_CHUNK):
