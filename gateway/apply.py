@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -22,7 +23,14 @@ from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
 from invalgw.policy import Resolver
-from invalgw.proto import Invalidation, InvalidEntry, Limits, StreamId, parse_entry
+from invalgw.proto import (
+    Invalidation,
+    InvalidEntry,
+    Limits,
+    StreamId,
+    parse_entry,
+    parse_usual_batch,
+)
 from invalgw.read import Entry, GroupReader
 from invalgw.retries import CacheRetries, RetryJob
 from invalgw.scanner import ScanJob, Scanner
@@ -35,6 +43,9 @@ def parse_batch(
     entries: Sequence[Entry], limits: Limits
 ) -> tuple[list[Invalidation], list[DeadLetter], list[bytes]]:
     """Split entries into valid invalidations, dead letters, and IDs whose data is gone."""
+    usual = parse_usual_batch(entries, limits)  # the usual batch, at once
+    if usual is not None:
+        return usual, [], []
     valid: list[Invalidation] = []
     dead: list[DeadLetter] = []
     lost: list[bytes] = []
@@ -197,6 +208,7 @@ class AppliedRecord:
         self._lag = metrics.lag.labels(ctx.region, origin)
         self._removed = metrics.keys_removed.labels(ctx.region, origin)
         self._batch = metrics.batch_size.labels(ctx.region, stage)
+        self._applied_by_op: dict[str, Any] = {}
 
     def __call__(
         self, events: list[Invalidation], removed: int, started_ns: int, origin_now_ms: float
@@ -209,12 +221,18 @@ class AppliedRecord:
         if not events:
             return
         for op, count in Counter([event.op for event in events]).items():
-            self._applied.labels(self.region, self.origin, op).inc(count)
+            self._applied_op(op).inc(count)
         self._removed.inc(removed)
         lags = lag_counts([event.id for event in events], origin_now_ms)
         self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
         self.window.add_counts(lags)
         self.tracer.applied(self.origin, self.stream, events, started_ns, origin_now_ms)
+
+    def _applied_op(self, op: str) -> Any:
+        counter = self._applied_by_op.get(op)
+        if counter is None:
+            counter = self._applied_by_op[op] = self._applied.labels(self.region, self.origin, op)
+        return counter
 
     async def guard(
         self, events: list[Invalidation], started_ns: int, effect: Awaitable[int]

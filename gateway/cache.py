@@ -81,7 +81,8 @@ class Cache:
     """Applies effects to one region's cache (a standalone Redis or a Redis Cluster).
 
     ``in_stream_redis``: the cache is the Redis that holds the gateway's streams (the default
-    set-up), so an applier can unlink and acknowledge in one transaction (:func:`queue_unlink`).
+    set-up), so an applier can unlink and acknowledge in one call
+    (:func:`invalgw.apply.ack_with_status`).
     """
 
     def __init__(

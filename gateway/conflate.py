@@ -23,12 +23,8 @@ _STRENGTH = {"expire": 0, "hybrid": 1, "unlink": 2}
 
 def conflate(events: Sequence[Invalidation]) -> tuple[list[Invalidation], int]:
     """``events`` with each key kept once where that is safe; and how many occurrences went."""
-    distinct: set[str] = set()
-    total = 0
-    for event in events:
-        total += len(event.keys)
-        distinct.update(event.keys)
-    if len(distinct) == total:  # the usual case, checked in C
+    keys = [key for event in events for key in event.keys]
+    if len(set(keys)) == len(keys):  # the usual case, checked in C
         return list(events), 0
     occurrences: dict[str, list[int]] = {}
     for index, event in enumerate(events):

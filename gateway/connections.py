@@ -6,8 +6,10 @@ gateway makes goes through here, so none of them runs with defaults.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,6 +60,34 @@ class _HiredisPacking:
             packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
             return packed
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """redis-py's, without a task per command: it writes inside ``asyncio.wait_for`` (a new
+        task, a timer) whenever a socket timeout is set, though a write that the socket took
+        whole cannot block. Here the wait, with the same timeout and the same errors, is only
+        for a write that left bytes in the transport's buffer."""
+        connection: Any = self
+        if not connection.is_connected or not connection.socket_timeout or isinstance(command, str):
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if check_health:
+            await connection.check_health()
+        writer = connection._writer
+        try:
+            writer.writelines([command] if isinstance(command, bytes) else command)
+            if writer.transport.get_write_buffer_size():
+                await asyncio.wait_for(writer.drain(), connection.socket_timeout)
+            else:
+                await writer.drain()  # never waits: raises only if the connection was lost
+        except TimeoutError:
+            await connection.disconnect(nowait=True)
+            raise redis.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await connection.disconnect(nowait=True)
+            raise redis.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            await connection.disconnect(nowait=True)  # part of a command may have gone
+            raise
+
 
 class _Connection(_HiredisPacking, redis.asyncio.Connection):
     pass
@@ -106,15 +136,28 @@ def _options(endpoint: RedisEndpoint, name: str) -> dict[str, Any]:
 def _stream_entries(entries: list[Any] | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Entries of an XREADGROUP reply; an entry that repeats a field name keeps all of it in
     :class:`StreamFields` (a plain dict would keep the last value silently)."""
+    if not entries:
+        return []
+    pairs = list(map(_second, entries))
+    if None not in pairs and [] not in pairs:  # the usual batch: made at C speed
+        fields = list(map(dict, map(zip, map(_names, pairs), map(_values, pairs))))
+        if 2 * sum(map(len, fields)) == sum(map(len, pairs)):  # no entry repeats a name
+            return list(zip(map(_first, entries), fields, strict=True))
     out: list[tuple[bytes, dict[bytes, bytes]]] = []
-    for entry_id, pairs in entries or ():
-        if not pairs:
+    for entry_id, entry_pairs in entries:
+        if not entry_pairs:
             out.append((entry_id, {}))
             continue
-        it = iter(pairs)
-        fields = dict(zip(it, it, strict=False))
-        out.append((entry_id, fields if 2 * len(fields) == len(pairs) else StreamFields(pairs)))
+        it = iter(entry_pairs)
+        one = dict(zip(it, it, strict=False))
+        out.append(
+            (entry_id, one if 2 * len(one) == len(entry_pairs) else StreamFields(entry_pairs))
+        )
     return out
+
+
+_first, _second = itemgetter(0), itemgetter(1)
+_names, _values = itemgetter(slice(0, None, 2)), itemgetter(slice(1, None, 2))
 
 
 def _xreadgroup_reply(response: Any, **_options: Any) -> Any:
@@ -129,6 +172,50 @@ def _xrange_reply(response: Any, **_options: Any) -> Any:
     """The entries of an XRANGE reply, as :func:`_stream_entries` reads them: a sender that reads
     the stream itself must see a repeated field as the local apply does (and refuse the entry)."""
     return _stream_entries(response)
+
+
+async def call(client: AsyncRedis, *command: Any) -> Any:
+    """One command on a connection of ``client``'s pool, its raw reply (no reply callback).
+
+    Without redis-py's per-command machinery (a retry wrapper, a reply callback, the pool's
+    events, a task and a timer per write), which cost more CPU than the round trip itself for
+    the reads and the acknowledgement of each batch. Never retried here: a caller that must not
+    repeat a write on its own gets the error. A connection that failed or was interrupted with
+    its reply unread is dropped, never reused."""
+    pool = client.connection_pool
+    connection: Any = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await connection.send_packed_command(connection.pack_command(*command), check_health=False)
+        return await connection.read_response()
+    except redis.ResponseError:
+        raise  # a whole reply: the connection is fine
+    except BaseException:
+        await connection.disconnect(nowait=True)  # its reply may still come: never reuse it
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def read_group(
+    client: AsyncRedis,
+    group: str,
+    consumer: str,
+    stream: str,
+    cursor: bytes | str,
+    *,
+    count: int,
+    block_ms: int | None,
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """``XREADGROUP`` of one stream through :func:`call`: its entries, as the client's reply
+    callback gives them."""
+    blocking = () if block_ms is None else ("BLOCK", block_ms)
+    reply = await call(
+        client, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, *blocking,
+        "STREAMS", stream, cursor,
+    )  # fmt: skip
+    streams = _xreadgroup_reply(reply)
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = streams[0][1] if streams else []
+    return entries
 
 
 def connect(endpoint: RedisEndpoint, *, name: str) -> AsyncRedis:

@@ -311,8 +311,9 @@ class Forwarder:
                 scope.deadline = min(scope.deadline, anyio.current_time() + wait_ms / 1000)
                 fed = await subscription.get()
         if fed is not None:
-            with self.drain.interruptible():  # what queues meanwhile goes in the same envelope
-                await self.window.room()
+            if self.window.full:  # (a cancel scope costs more than a read of a few entries)
+                with self.drain.interruptible():  # what queues meanwhile goes in one envelope
+                    await self.window.room()
             await self._take(subscription.take_following(fed, self.reader.count))
         elif not subscription.dropped and not self.drain.requested:
             await self.idle()
@@ -384,8 +385,9 @@ class Forwarder:
         ``entries`` (what ``valid`` was read from), once the peer confirmed. ``encoded``: the fed
         batch ``valid`` comes from, whose events are encoded once for every peer."""
         epoch = self._follow_epoch()
-        with self.drain.interruptible():
-            await self.window.room()
+        if self.window.full:
+            with self.drain.interruptible():
+                await self.window.room()
         if self.window.full:  # a drain stopped the wait: the cursor stays before these entries
             return
         out = Outgoing(

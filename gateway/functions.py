@@ -45,7 +45,7 @@ from typing import Any
 
 import redis
 
-from invalgw.connections import AsyncRedis
+from invalgw.connections import AsyncRedis, call
 
 LIBRARY = "invalgw"
 APPEND = "invalgw_append"
@@ -177,9 +177,9 @@ async def call_fenced(
     keys = [fence.key if fence else keys[0], *keys]
     args = [fence.holder if fence else "", *args]
     try:
-        return await client.fcall(function, len(keys), *keys, *args)
+        return await call(client, "FCALL", function, len(keys), *keys, *args)
     except redis.ResponseError as exc:
         if not function_missing(exc):
             raise
     await load_library(client)
-    return await client.fcall(function, len(keys), *keys, *args)
+    return await call(client, "FCALL", function, len(keys), *keys, *args)

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import redis
 
-from invalgw.connections import AsyncRedis
+from invalgw.connections import AsyncRedis, read_group
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,14 @@ class GroupReader:
         if self._linger and not pending:
             await anyio.sleep(self.linger_ms / 1000)
         try:
-            reply: Any = await self.client.xreadgroup(
+            entries = await read_group(
+                self.client,
                 self.group,
                 self.consumer,
-                {self.stream: self._cursor},
+                self.stream,
+                self._cursor,
                 count=self.count,
-                block=None if pending else self.block_ms,
+                block_ms=None if pending else self.block_ms,
             )
         except redis.ResponseError as exc:
             if "UNBLOCKED" in str(exc):  # the stream was deleted while we waited on it
@@ -105,7 +107,6 @@ class GroupReader:
             return []
         if self._on_read is not None:
             self._on_read()
-        entries: list[Entry] = reply[0][1] if reply else []
         self.after = None
         if not pending and entries:
             self.after, self._last_new = self._last_new, entries[-1][0]

@@ -170,6 +170,8 @@ class StreamTrimmer:
         """Each group's next entry at the end of the last round (None: it had them all)."""
         self.interval_s = MAX_INTERVAL_S
         """When the next round should run, at the stream's current growth."""
+        self._settled: tuple[Any, ...] | None = None
+        """The stream and its groups as the last trim left them."""
 
     async def round(self) -> list[GroupPosition]:
         """Report losses, trim, report what the trim cost; returns each group's position."""
@@ -186,10 +188,14 @@ class StreamTrimmer:
                 log.debug("not trimming %s: groups %s do not exist yet", self.stream, missing)
             return groups
         groups = _without_strangers(self.stream, groups, self.groups_needed)
-        await self._report(groups, state, self._next, since_last_round=True)
-        state, before, self._next = await self._trim(groups)
-        await self._report(groups, state, before, since_last_round=False)
-        self._had = {group.name: group.received for group in groups}
+        if _settled(state, groups) != self._settled:
+            await self._report(groups, state, self._next, since_last_round=True)
+            state, before, self._next = await self._trim(groups)
+            await self._report(groups, state, before, since_last_round=False)
+            self._had = {group.name: group.received for group in groups}
+            self._settled = _settled(state, groups)
+        # else nothing was added, read, acknowledged or deleted since the last trim: it would
+        # trim nothing and find no loss (an idle region's stream, ten times a second)
         for group in groups:
             group.backlog = group.pending + await self._unread(group, state)
         return groups
@@ -351,6 +357,19 @@ def unread(group: GroupPosition, state: StreamState) -> int | None:
     if added is not None and read is not None and 0 <= added - read <= state.length:
         return added - read
     return None
+
+
+def _settled(state: StreamState, groups: list[GroupPosition]) -> tuple[Any, ...]:
+    """What a round's trim and loss reports depend on: if none of it changed since the last
+    trim, this round would neither trim nor report anything."""
+    return (
+        state.length,
+        state.first,
+        state.last_generated,
+        state.max_deleted,
+        state.entries_added,
+        [(g.name, g.last_delivered, g.pending, g.entries_read, g.has) for g in groups],
+    )
 
 
 def _next_ids(groups: list[GroupPosition], replies: list[Any]) -> dict[str, StreamId | None]:

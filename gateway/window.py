@@ -108,7 +108,7 @@ class PeerWindow:
         """Set when an envelope was written (the reader waits for one)."""
         self._answered = anyio.Event()
         """Set when a reply came (the writer waits for room)."""
-        self._writing = anyio.Lock()
+        self._writing = anyio.Lock(fast_acquire=True)  # no trip through the loop when free
         self._function_warned = False
         self._link_up = metrics.link_up.labels(region, peer)
         self._in_flight = metrics.in_flight.labels(region, peer)

@@ -14,6 +14,7 @@ from invalgw.proto.entry import (
     check_invalidation,
     entry_fields,
     parse_entry,
+    parse_usual_batch,
     plainly_valid,
 )
 from invalgw.proto.envelope import Batch, Envelope, Heartbeat, decode_envelope, encode_envelope
@@ -48,6 +49,7 @@ __all__ = [
     "entry_fields",
     "hash_tag",
     "parse_entry",
+    "parse_usual_batch",
     "partition_of",
     "partition_stream",
     "pattern_partition",

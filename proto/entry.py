@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Sequence
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Annotated, Literal
 
 import msgspec
@@ -417,6 +419,50 @@ def _parse_usual(entry_id: str, fields: dict[bytes, bytes], limits: Limits) -> I
     if not keys or len(keys) > limits.max_keys or len(raw) > limits.max_key_bytes:
         return None
     return Invalidation(entry_id, "unlink", keys)
+
+
+_USUAL_SIZE = 3
+_v_op = itemgetter(b"v", b"op")
+_USUAL_V_OP = {(b"1", b"unlink")}
+_keys_field = itemgetter(b"keys")
+_SPLIT_TOO = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+"""Bytes ``str.split`` also splits on: an entry holding one goes the general way."""
+
+
+def parse_usual_batch(
+    entries: Sequence[tuple[bytes, dict[bytes, bytes]]], limits: Limits
+) -> list[Invalidation] | None:
+    """Every entry of a batch parsed as :func:`parse_entry` would, when each is the entry most
+    producers write (``v 1``, ``op unlink``, ASCII keys split on whitespace, nothing else) and
+    none names a key nobody may invalidate: the checks run once over the whole batch, at C
+    speed, instead of a call per entry. None when any entry is not so plain (then parse each)."""
+    if not entries:
+        return []
+    fields = list(map(itemgetter(1), entries))
+    if set(map(type, fields)) != {dict} or set(map(len, fields)) != {_USUAL_SIZE}:
+        return None  # a deleted entry ({}), a repeated field (StreamFields), other fields
+    try:
+        if set(map(_v_op, fields)) != _USUAL_V_OP:
+            return None
+        raws = list(map(_keys_field, fields))
+    except KeyError:  # three fields, not these
+        return None
+    if max(map(len, raws)) > min(limits.max_field_bytes, limits.max_key_bytes):
+        return None
+    blob = b" ".join(raws)
+    if not blob.isascii() or any(byte in blob for byte in _SPLIT_TOO):
+        return None
+    keys = list(map(str.split, map(bytes.decode, raws)))
+    sizes = set(map(len, keys))
+    if 0 in sizes or max(sizes) > limits.max_keys:
+        return None
+    try:
+        limits.check_names(list(chain.from_iterable(keys)), None)
+    except InvalidEntry:
+        return None  # parsed one by one, the entry that names one is refused alone
+    ids = map(bytes.decode, map(itemgetter(0), entries))
+    unlink: Op = "unlink"
+    return list(map(Invalidation, ids, repeat(unlink), keys))
 
 
 def _split_keys(keys: str, sep: str | None) -> list[str]:

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invalgw.proto.entry import Invalidation, InvalidEntry, Limits, _parse_any, parse_entry
+from invalgw.proto import Guard
+from invalgw.proto.entry import (
+    Invalidation,
+    InvalidEntry,
+    Limits,
+    StreamFields,
+    _parse_any,
+    parse_entry,
+    parse_usual_batch,
+)
 
 LIMITS = Limits(max_keys=3, max_key_bytes=10, max_field_bytes=40)
 NAMES = st.sampled_from([b"v", b"op", b"keys", b"sep", b"traceparent", b"source", b"x"])
@@ -87,3 +96,56 @@ def test_key_limit_counts_bytes_not_characters() -> None:
         parse_entry("1-1", fields, LIMITS)
     assert caught.value.code == "key_too_long"
     assert "12 bytes" in caught.value.reason
+
+
+GUARD = Guard(max_keys=3, max_key_bytes=10, max_field_bytes=40, names=("stream",))
+BATCH_VALUES = st.one_of(
+    VALUES, st.sampled_from([b"stream", b"a invalgw:x", b"invalgw", b"a\nb", b"a\x1cb"])
+)
+USUAL_ENTRY = st.fixed_dictionaries(
+    {b"v": st.just(b"1"), b"op": st.just(b"unlink"), b"keys": BATCH_VALUES}
+)
+MOSTLY_VALID = st.fixed_dictionaries(
+    {
+        b"v": st.just(b"1"),
+        b"op": st.just(b"unlink"),
+        b"keys": st.sampled_from([b"a", b"a b", b" k1\tk2  k3 ", b"a\x1cb", b"stream", b""]),
+    }
+)
+
+
+def _each(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[object]:
+    out: list[object] = []
+    for entry_id, fields in entries:
+        try:
+            out.append(parse_entry(entry_id.decode(), fields, GUARD))
+        except InvalidEntry as exc:
+            out.append(("invalid", exc.code))
+    return out
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.lists(st.one_of(USUAL_ENTRY, USUAL_SHAPED, st.just({})), max_size=6),
+        st.lists(MOSTLY_VALID, max_size=4),
+    )
+)
+def test_a_batch_parsed_at_once_parses_as_each_entry_would(
+    batch: list[dict[bytes, bytes]],
+) -> None:
+    """The batch path answers only for batches of usual entries that are all valid, and then
+    exactly as parsing each entry would; for any other batch it declines (None)."""
+    entries = [(f"{i + 1}-0".encode(), fields) for i, fields in enumerate(batch)]
+    at_once = parse_usual_batch(entries, GUARD)
+    if at_once is not None:
+        assert at_once == _each(entries)
+
+
+def test_a_usual_batch_is_parsed_at_once() -> None:
+    entries = [(b"1-0", {b"v": b"1", b"op": b"unlink", b"keys": b"a b"})] * 3
+    assert parse_usual_batch(entries, GUARD) == [Invalidation("1-0", "unlink", ["a", "b"])] * 3
+    repeated = StreamFields([b"v", b"1", b"op", b"unlink", b"keys", b"a", b"keys", b"b"])
+    assert parse_usual_batch([*entries, (b"2-0", repeated)], GUARD) is None
+    reserved = (b"2-0", {b"v": b"1", b"op": b"unlink", b"keys": b"a stream"})
+    assert parse_usual_batch([*entries, reserved], GUARD) is None

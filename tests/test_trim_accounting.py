@@ -218,3 +218,34 @@ async def test_a_stream_lost_with_its_history_leaves_no_memory_to_report_a_secon
     trimmer.max_len = 10
     await trimmer.round()
     assert gaps.seen == [("to:peer", StreamId(0, 0), StreamId.parse(new[19]))]
+
+
+async def test_a_round_over_an_unchanged_stream_trims_nothing_and_a_change_is_trimmed(
+    client: redis.asyncio.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle region's stream is looked at ten times a second: while nothing was added, read,
+    acknowledged or deleted, a round only reads; the first change gets a full round."""
+    stream = f"{namespace}:s"
+    await write(client, stream, 30)
+    await client.xgroup_create(stream, "apply", id="0")
+    await read(client, stream, "apply", 30)
+    trimmer = StreamTrimmer(client, stream, max_len=1000)
+    trims = 0
+    real_trim = trimmer._trim
+
+    async def counted(groups: Any) -> Any:
+        nonlocal trims
+        trims += 1
+        return await real_trim(groups)
+
+    monkeypatch.setattr(trimmer, "_trim", counted)
+    await trimmer.round()
+    assert trims == 1
+    for _ in range(3):
+        [group] = await trimmer.round()
+        assert group.backlog == 0
+    assert trims == 1, "nothing changed: nothing to trim"
+    await write(client, stream, 30)  # not read yet: the backlog shows
+    [group] = await trimmer.round()
+    assert trims == 2
+    assert group.backlog == 30
