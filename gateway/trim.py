@@ -12,9 +12,11 @@ deleted the entries (this cap, a producer's ``XTRIM`` or ``XADD MAXLEN``, an ``X
 - an entry after the last-delivered ID that is no longer in the stream is lost to the group: the
   range reported is (last-delivered ID, last deleted ID], checked before this round's trim
   (deletions by others since the last round, against the position then) and after it (this
-  trim). The last deleted ID is the greater of ``max-deleted-entry-id`` (XDEL) and the entry
-  before the first one, when an entry seen after the position is gone (trimming: Redis 7.0 does
-  not move ``max-deleted-entry-id`` when it trims);
+  trim). A round cut off once its trim was sent counts as one (a Redis stopped gracefully runs
+  the commands it read, keeps them in its AOF, and answers nothing more). The last deleted ID is
+  the greater of ``max-deleted-entry-id`` (XDEL) and the entry before the first one, when an
+  entry seen after the position is gone (trimming: Redis 7.0 does not move
+  ``max-deleted-entry-id`` when it trims);
 - the range is reported once; what was reported is kept in Redis (hash ``<namespace>:lost``), so a
   restarted gateway does not report it again;
 - what a round remembers for the next (positions, the next entries, the highest deleted ID)
@@ -190,9 +192,11 @@ class StreamTrimmer:
         groups = _without_strangers(self.stream, groups, self.groups_needed)
         if _settled(state, groups) != self._settled:
             await self._report(groups, state, self._next, since_last_round=True)
+            # Before the trim: a Redis shutting down may run it and answer nothing, and the next
+            # round must not take what it deleted below these positions for a loss.
+            self._had = {group.name: group.received for group in groups}
             state, before, self._next = await self._trim(groups)
             await self._report(groups, state, before, since_last_round=False)
-            self._had = {group.name: group.received for group in groups}
             self._settled = _settled(state, groups)
         # else nothing was added, read, acknowledged or deleted since the last trim: it would
         # trim nothing and find no loss (an idle region's stream, ten times a second)

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio
 
 from invalgw.proto import StreamId
-from invalgw.trim import StreamTrimmer, cap_margin
+from invalgw.trim import GroupPosition, StreamTrimmer, cap_margin
 from tests.conftest import wait_until
 from tests.servers import RedisServer, no_retry, redis_servers
 
@@ -249,3 +249,48 @@ async def test_a_round_over_an_unchanged_stream_trims_nothing_and_a_change_is_tr
     [group] = await trimmer.round()
     assert trims == 2
     assert group.backlog == 30
+
+
+class CutOffByARestart(StreamTrimmer):
+    """A trimmer whose Redis shuts down gracefully right after running its trim: a Redis told
+    to stop runs the commands it has read, persists them, and answers nothing more."""
+
+    server: RedisServer | None = None
+
+    async def _trim(self, groups: list[GroupPosition]) -> Any:
+        trimmed = await super()._trim(groups)
+        if self.server is None:
+            return trimmed
+        self.server.terminate()
+        self.server.restart()
+        self.server = None
+        raise redis.ConnectionError("the Redis went away before answering")
+
+
+async def test_a_round_cut_off_by_a_graceful_restart_after_its_trim_reports_no_loss(
+    namespace: str,
+) -> None:
+    """The next round measures from the positions that trim followed, not from the round
+    before: the group had every entry the trim took (a false gap costs a peer a resync)."""
+    with redis_servers(1, "--appendonly", "yes", "--stream-node-max-entries", "10") as [server]:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+        )
+        stream = f"{namespace}:s"
+        try:
+            ids = await write(client, stream, 30)
+            await client.xgroup_create(stream, "to:peer", id="0")
+            await client.xgroup_setid(stream, "to:peer", ids[9], entries_read=10)
+            gaps = Gaps()
+            trimmer = CutOffByARestart(client, stream, max_len=1000, on_gap=gaps)
+            await trimmer.round()  # the group has 10 entries; the 11th is next
+            await client.xgroup_setid(stream, "to:peer", ids[29], entries_read=30)
+            trimmer.server = server
+            with pytest.raises(redis.ConnectionError):
+                await trimmer.round()  # trims the first 20 (whole nodes), answers nothing
+            await client.connection_pool.disconnect()
+            assert int(await client.xlen(stream)) == 10, "the AOF kept the trim"
+            await trimmer.round()
+            assert gaps.seen == []
+        finally:
+            await client.aclose()
