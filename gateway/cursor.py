@@ -77,16 +77,16 @@ class SenderCursor:
             added, lag = int(stream_info["entries-added"]), info.get("lag")
             entries_read = added - int(lag) if lag is not None else added - stream_info["length"]
         entries_read = max(0, int(entries_read))
-        claimed, self._claimed = self._claimed, []
-        if claimed:
-            first = min(StreamId.parse(entry_id) for entry_id in claimed).previous()
+        if self._claimed:
+            # Sent again from the first of them; they stay pending, so that trimming sees they
+            # were delivered (one deleted meanwhile is found by the next claim, exactly), and are
+            # acknowledged once the cursor passes them (see save).
+            first = min(StreamId.parse(entry_id) for entry_id in self._claimed).previous()
             if first < position:
-                position, entries_read = first, max(0, entries_read - len(claimed))
-            async with self.local.pipeline(transaction=True) as pipe:
-                pipe.xgroup_setid(stream, group, str(position), entries_read=entries_read)
-                pipe.xack(stream, group, *claimed)
-                await pipe.execute()
-            self.reader.release(claimed)
+                position, entries_read = first, max(0, entries_read - len(self._claimed))
+                await self.local.xgroup_setid(
+                    stream, group, str(position), entries_read=entries_read
+                )
         self.position, self.entries_read = position, entries_read
 
     async def claim(self, min_idle_ms: int) -> None:

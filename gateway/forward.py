@@ -44,7 +44,7 @@ from invalgw.cursor import SenderCursor
 from invalgw.deadletter import DeadLetters
 from invalgw.epoch import Epoch
 from invalgw.feed import FedBatch, Feed, Subscription
-from invalgw.functions import Fence
+from invalgw.functions import Fence, check_renewed
 from invalgw.metrics import Metrics
 from invalgw.names import Names
 from invalgw.poison import PoisonedBatch, SenderGuard, preparing
@@ -160,6 +160,8 @@ class Forwarder:
             metrics=metrics,
             size=window,
         )
+        self.fence = fence
+        """Sends wait while its lease is not known to be this process's (see :class:`Fence`)."""
         self.cursor = SenderCursor(
             name=self.name,
             reader=reader,
@@ -297,6 +299,7 @@ class Forwarder:
             await self.window.close()
 
     async def _step(self) -> None:
+        check_renewed(self.fence)
         self._follow_epoch()
         subscription: Subscription = self.subscription
         if subscription.dropped:
@@ -479,7 +482,8 @@ class Forwarder:
         """Save the link state and move the cursor as far as the peer confirmed, in one round
         trip to the local Redis."""
         saving, self._saving, self._unsaved = self._saving, _Saving(), False
-        state = {"epoch": self._last_epoch, "last": self._confirmed_last}
+        epoch = self._last_epoch
+        state = {"epoch": epoch, "last": self._confirmed_last}
         try:
             await self.cursor.save(
                 state=state,
@@ -489,7 +493,8 @@ class Forwarder:
                 ack=saving.ack,
             )
         except BaseException:
-            self._saving, self._unsaved = saving.then(self._saving), True  # saved next time
+            if epoch == self._last_epoch:  # else it was the lost stream's progress: dropped
+                self._saving, self._unsaved = saving.then(self._saving), True  # saved next time
             raise
 
     def _gap_notice(self, gap: tuple[str, str], prev: str, epoch: str) -> Outgoing:

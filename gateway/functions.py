@@ -21,14 +21,16 @@ peer was told of, unless another one was noted meanwhile.
 
 The gateway's own writes that move a stream's progress go through two more functions, fenced by
 the lease of the stream (or partition): each first checks that the lease key (``KEYS[1]``)
-holds no other gateway's ``<consumer> <token>`` than this one's (``ARGV[1]``) and otherwise does
-nothing and answers an error starting ``FENCED``. A gateway that stalled past its lease (a long
-pause, a partition from its Redis) and comes back with a batch in hand cannot acknowledge it,
-overwrite the status or move a cursor back once another gateway took the lease over. A lease
-that expired and that nobody took yet (or that a Redis restarted empty lost) does not refuse:
-nobody else acts on the stream, and whoever takes it next starts from what was written. An
-empty ``ARGV[1]`` skips the check (a mirror stream on another node of a Redis Cluster than the
-lease: see :class:`invalgw.apply.ApplyContext`).
+holds this gateway's ``<consumer> <token>`` (``ARGV[1]``) and otherwise does nothing and answers
+an error starting ``FENCED``. A gateway that stalled past its lease (a long pause, a partition
+from its Redis) and comes back with a batch in hand cannot acknowledge it or overwrite the
+status once the lease expired, whoever holds it next. An empty ``ARGV[1]`` skips the check (a
+mirror stream on another node of a Redis Cluster than the lease: see
+:class:`invalgw.apply.ApplyContext`). A sender's cursor never moves back through
+``invalgw_cursor`` (a gateway that took the lease over again after a stall, with an older
+position in memory, leaves the newer one); only the start-up takeover of dead consumers' pending
+entries moves it back, on purpose. Both may run while the Redis is out of memory: they free
+more than they take.
 
 - ``invalgw_ack`` (keys: lease, stream, status hash, keys to unlink first; args: holder, group,
   status field, status, IDs to acknowledge) answers how many of the keys existed.
@@ -39,7 +41,7 @@ lease: see :class:`invalgw.apply.ApplyContext`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +96,7 @@ local function clear_gap(keys, args)
 end
 
 local function refused(keys, args)
-  if args[1] == '' then return false end
-  local holder = redis.call('GET', keys[1])
-  if holder and holder ~= args[1] then
+  if args[1] ~= '' and redis.call('GET', keys[1]) ~= args[1] then
     return redis.error_reply(
       'FENCED the lease ' .. keys[1] .. ' is held by another gateway, or expired')
   end
@@ -124,6 +124,17 @@ local function ack(keys, args)
   return removed
 end
 
+local function delivered(stream, group)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if groups['err'] then return nil end  -- no stream: SETID says so
+  for _, info in ipairs(groups) do
+    local fields = {}
+    for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+    if fields['name'] == group then return fields['last-delivered-id'] end
+  end
+  return nil
+end
+
 local function save_cursor(keys, args)
   local refusal = refused(keys, args)
   if refusal then return refusal end
@@ -134,15 +145,19 @@ local function save_cursor(keys, args)
   if args[5] ~= '' then
     clear_gap({keys[3]}, {args[5], args[6]})
   end
-  redis.call('XGROUP', 'SETID', keys[2], args[2], args[3], 'ENTRIESREAD', args[4])
+  local current = delivered(keys[2], args[2])
+  if not current or not before(args[3], current) then  -- (no group: NOGROUP, as it should)
+    redis.call('XGROUP', 'SETID', keys[2], args[2], args[3], 'ENTRIESREAD', args[4])
+  end
   in_slices('XACK', {keys[2], args[2]}, args, last_field + 1)
   return 1
 end
 
 redis.register_function('invalgw_append', append)
 redis.register_function('invalgw_clear_gap', clear_gap)
-redis.register_function('invalgw_ack', ack)
-redis.register_function('invalgw_cursor', save_cursor)
+redis.register_function{function_name='invalgw_ack', callback=ack, flags={'allow-oom'}}
+redis.register_function{
+  function_name='invalgw_cursor', callback=save_cursor, flags={'allow-oom'}}
 """
 
 
@@ -161,12 +176,32 @@ def is_fenced(exc: redis.ResponseError) -> bool:
     return str(exc).startswith(FENCED)
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Fence:
     """The lease a gateway's progress writes are conditional on: ``key`` must hold ``holder``."""
 
     key: str
     holder: str
+    renewed_lately: Callable[[], bool] = _always
+    """Whether this process renewed the lease within half its TTL, by its own clock. Reads and
+    sends wait while it did not (see :func:`check_renewed`): a process that was frozen past its
+    lease (SIGSTOP, a VM paused) must not read entries another process now owns before its lease
+    loop finds out and stops it, or that owner's sender would skip them."""
+
+
+class LeaseNotRenewed(redis.RedisError):
+    """This process has not renewed its lease for half its TTL: it reads and sends nothing until
+    a renewal succeeds or its lease loop stops it. Retried like an unreachable Redis."""
+
+
+def check_renewed(fence: Fence | None) -> None:
+    """Raise :class:`LeaseNotRenewed` unless ``fence``'s lease was renewed lately."""
+    if fence is not None and not fence.renewed_lately():
+        raise LeaseNotRenewed(f"the lease {fence.key} was not renewed for half its TTL")
 
 
 async def call_fenced(

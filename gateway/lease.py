@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 from invalgw.connections import AsyncRedis
 
@@ -51,6 +52,8 @@ class RegionLease:
         self.consumer = consumer
         self.ttl_ms = ttl_ms
         self.value = f"{consumer} {secrets.token_hex(6)}"
+        self.renewed = 0.0
+        """Local monotonic time of the last take or renewal that succeeded."""
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -63,6 +66,7 @@ class RegionLease:
         """Take the lease; None on success, else who holds it (``<consumer> <token>``)."""
         reply = await self._acquire(keys=[self.key], args=[self.value, self.consumer, self.ttl_ms])
         if reply == 1:
+            self.renewed = time.monotonic()
             return None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
@@ -71,7 +75,14 @@ class RegionLease:
 
         A lease that vanished (the region's Redis restarted empty) is simply taken again: no
         other gateway holds it, so this one still runs alone."""
-        return bool(await self._renew(keys=[self.key], args=[self.value, self.ttl_ms]) == 1)
+        ours = await self._renew(keys=[self.key], args=[self.value, self.ttl_ms]) == 1
+        if ours:
+            self.renewed = time.monotonic()
+        return bool(ours)
+
+    def renewed_lately(self) -> bool:
+        """Renewed within half the TTL: no other gateway can have taken the lease yet."""
+        return time.monotonic() - self.renewed < self.ttl_ms / 2000
 
     async def release(self) -> None:
         await self._release(keys=[self.key], args=[self.value])

@@ -7,7 +7,8 @@ slot, holding ``<consumer> <token>`` with a TTL of ``gateway.lease_ms``. Every p
 - renew the leases it holds; one it finds taken, or cannot renew for half the TTL, it stops
   using at once (the others may act only once the TTL has passed since its last renewal);
 - count the live holders (this process included) and the fair share, ``ceil(P / holders)``;
-- take free or expired leases up to its share;
+- take free or expired leases up to its share (and its own back at once: a lease it stopped
+  using when renewals failed, that nobody took meanwhile);
 - below its share with none free, ask the most loaded holder (above the share, or at it while
   this one is two below) for one partition: it sets ``<namespace>:handover:{<stream>:p}``; the
   holder sees it at its next round, stops the partition, and releases the lease, which the
@@ -28,9 +29,14 @@ from invalgw.connections import REDIS_ERRORS, AsyncRedis
 
 log = logging.getLogger(__name__)
 
+# One key each: while a slot migrates, Redis refuses a script naming two keys of it when one of
+# them (the hand-over request, usually absent) is not on the node (TRYAGAIN), which would stall
+# every renewal for the whole migration. A lease still holding this process's own value (it
+# stopped the partition when renewals failed, and nobody took it since) is taken back at once.
 _TAKE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('DEL', KEYS[2])
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
@@ -38,15 +44,13 @@ return 0
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, redis.call('GET', KEYS[2]) or false}
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return {0, false}
+return 0
 """
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -124,32 +128,36 @@ class PartitionLeases:
                     log.warning("partition %d: lease lost; stopped using it", p)
             return
         holder = await lease.client.get(lease.key)
-        if isinstance(holder, bytes):
+        if isinstance(holder, bytes) and holder.decode() != self.value:  # ours: taken back
             holders.setdefault(holder.decode(), []).append(p)
 
     async def _renew(self, lease: Lease) -> tuple[bool, str | None]:
         try:
-            reply = await lease.client.eval(
-                _RENEW, 2, lease.key, lease.handover_key, self.value, self.ttl_ms
-            )
+            ok = int(await lease.client.eval(_RENEW, 1, lease.key, self.value, self.ttl_ms))
         except REDIS_ERRORS:
             if time.monotonic() - lease.renewed > self.ttl_ms / 2000:
                 return False, None  # stale: others may take it soon; stop first
             return True, None
-        ok, wanted = int(reply[0]), reply[1]
-        if ok:
-            lease.renewed = time.monotonic()
-        return bool(ok), wanted.decode() if isinstance(wanted, bytes) else None
+        if not ok:
+            return False, None
+        lease.renewed = time.monotonic()
+        try:
+            wanted = await lease.client.get(lease.handover_key)
+        except REDIS_ERRORS:  # (ASK while its slot migrates): asked again next round
+            wanted = None
+        return True, wanted.decode() if isinstance(wanted, bytes) else None
 
     async def _take(self, lease: Lease) -> bool:
-        took = await lease.client.eval(
-            _TAKE, 2, lease.key, lease.handover_key, self.value, self.ttl_ms
-        )
-        if int(took):
-            lease.renewed = time.monotonic()
-            self.held.add(lease.partition)
-            return True
-        return False
+        took = await lease.client.eval(_TAKE, 1, lease.key, self.value, self.ttl_ms)
+        if not int(took):
+            return False
+        lease.renewed = time.monotonic()
+        self.held.add(lease.partition)
+        try:
+            await lease.client.delete(lease.handover_key)  # a request to its last holder is done
+        except REDIS_ERRORS as exc:  # the lease is ours all the same: run the partition
+            log.debug("partition %d: hand-over request not cleared: %s", lease.partition, exc)
+        return True
 
     async def _ask(self, holders: dict[str, list[int]], share: int, mine: int) -> None:
         """Ask the most loaded holder for one of its partitions."""
@@ -161,9 +169,14 @@ class PartitionLeases:
             lease = self.leases[holders[victim][0]]
             await lease.client.set(lease.handover_key, self.value, px=self.ttl_ms, nx=True)
 
+    def renewed_lately(self, partition: int) -> bool:
+        """``partition``'s lease renewed within half the TTL: nobody else can have taken it."""
+        return time.monotonic() - self.leases[partition].renewed < self.ttl_ms / 2000
+
     async def release(self, partition: int) -> None:
         """Release ``partition``'s lease (after stopping it), for another process to take."""
         lease = self.leases[partition]
         self.held.discard(partition)
         self.handing_over.discard(partition)
-        await lease.client.eval(_RELEASE, 2, lease.key, lease.handover_key, self.value)
+        await lease.client.delete(lease.handover_key)
+        await lease.client.eval(_RELEASE, 1, lease.key, self.value)

@@ -194,6 +194,7 @@ def _stage(
         on_error=region.counts_errors(name),
         on_claimed=region.metrics.reclaimed.labels(region.name, name).inc,
         on_lost=on_lost,
+        fence=region.fence,
         claim_interval_ms=tuning.claim_interval_ms,
         claim_idle_ms=tuning.claim_idle_ms,
         backoff_cap_ms=tuning.retry_backoff_cap_ms,

@@ -216,7 +216,8 @@ class Gateway:
         task_status: anyio.abc.TaskStatus[None],
     ) -> None:
         """Run the stages of every partition (the region's, when not partitioned)."""
-        parts = [replace(part, fence=Fence(part.names.lease, lease.value)) for part in parts]
+        fence = Fence(region.names.lease, lease.value, lease.renewed_lately)
+        parts = [replace(part, fence=fence) for part in parts]
         pipelines = [build_pipeline(part) for part in parts]
         self.forwarders = pipelines[0].forwarders
         chores = [Chores(part, pipeline) for part, pipeline in zip(parts, pipelines, strict=True)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -165,7 +166,8 @@ class Sharing:
         log.info("%s: stopped partition %d", self.region.name, p)
 
     async def _run_partition(self, p: int, running: Running) -> None:
-        lease = Fence(self.parts[p].names.lease, self.leases.value)
+        renewed = partial(self.leases.renewed_lately, p)
+        lease = Fence(self.parts[p].names.lease, self.leases.value, renewed)
         part = replace(self.parts[p], drain=running.drain, fence=lease)
         try:
             with running.scope:

@@ -20,6 +20,7 @@ from typing import Protocol
 import anyio
 
 from invalgw.connections import REDIS_ERRORS
+from invalgw.functions import Fence, check_renewed
 from invalgw.read import Entry, GroupReader
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Stage:
         prepare: Callable[[], Awaitable[None]] | None = None,
         on_claimed: Callable[[int], None] | None = None,
         on_lost: Callable[[list[bytes]], Awaitable[None]] | None = None,
+        fence: Fence | None = None,
         claim_interval_ms: int,
         claim_idle_ms: int,
         backoff_cap_ms: int,
@@ -114,6 +116,8 @@ class Stage:
         """Told how many pending entries of other (dead) consumers were taken over."""
         self.on_lost = on_lost
         """Given the IDs of pending entries whose data was deleted before they were handled."""
+        self.fence = fence
+        """Reads wait while its lease is not known to be this process's (see :class:`Fence`)."""
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -138,6 +142,7 @@ class Stage:
                     await self._claim(self.claim_idle_ms)
                     next_claim = time.monotonic() + self.claim_interval_ms / 1000
                 entries: list[Entry] = []
+                check_renewed(self.fence)
                 with self.drain.interruptible() as wait:
                     entries = await self.reader.read()
                 interrupted = wait.cancelled_caught

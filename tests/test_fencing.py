@@ -4,6 +4,9 @@ frozen VM, SIGSTOP). The Redis refuses those writes atomically, in the lease's s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import anyio
 import msgspec
 import pytest
 import redis
@@ -12,12 +15,20 @@ import redis.asyncio
 from invalgw.apply import ack_with_status
 from invalgw.config import RegionConfig
 from invalgw.cursor import SenderCursor
-from invalgw.functions import Fence, is_fenced, load_library
+from invalgw.functions import (
+    SAVE_CURSOR,
+    Fence,
+    LeaseNotRenewed,
+    call_fenced,
+    is_fenced,
+    load_library,
+)
 from invalgw.lag import LinkStatus
 from invalgw.metrics import Metrics
 from invalgw.names import APPLY_GROUP, Names, forward_group
 from invalgw.proto import StreamId, entry_fields, partition_of
-from invalgw.read import GroupReader
+from invalgw.read import Entry, GroupReader
+from invalgw.stages import Drain, Stage
 from tests.conftest import clients, metric, running, wait_gone, wait_until
 from tests.servers import RedisServer
 
@@ -56,7 +67,12 @@ async def test_acknowledgement_refused_unless_the_lease_is_ours(
         assert await pending(client, stream, APPLY_GROUP) == 1
         assert await client.hlen(status_key) == 0
 
-        await client.delete(lease)  # expired, and nobody took it: nobody else acts on the stream
+        await client.delete(lease)  # expired: another gateway may take it at any moment
+        with pytest.raises(redis.ResponseError) as refused:
+            await ack_with_status(reader, [entry_id], status_key, status, fence=fence, unlink=[key])
+        assert is_fenced(refused.value)
+
+        await client.set(lease, ME)
         removed = await ack_with_status(
             reader, [entry_id], status_key, status, fence=fence, unlink=[key]
         )
@@ -102,6 +118,14 @@ async def test_cursor_never_moves_for_a_gateway_that_lost_the_lease(
         assert info["last-delivered-id"] == ids[-1]
         assert info["lag"] == 0
         assert await client.hget(link, "last") == ids[-1]
+
+        # a holder with an older position in memory (it took the lease back after a stall)
+        # does not move the cursor back
+        await call_fenced(
+            client, SAVE_CURSOR, Fence(lease, ME), [stream, link], [group, ids[0], 1, "", "", 0]
+        )
+        [info] = await client.xinfo_groups(stream)
+        assert info["last-delivered-id"] == ids[-1]
     finally:
         await client.aclose()
 
@@ -205,3 +229,56 @@ async def test_a_gap_is_told_once_though_saving_its_delivery_failed(
         records: list[tuple[bytes, dict[bytes, bytes]]] = await west.xrange(west_names.gaps)  # type: ignore[assignment]
         told = [(f[b"after"], f[b"upto"]) for _, f in records if f[b"origin"] == b"us-east"]
         assert told == [(b"1-0", b"2-0")]
+
+
+async def test_a_process_that_did_not_renew_its_lease_lately_reads_nothing(
+    session_servers: list[RedisServer], namespace: str
+) -> None:
+    """Frozen past its lease (SIGSTOP, a paused VM), a process wakes up before its lease loop
+    notices: its stages must not read entries that another process owns now (that owner's
+    sender would take what it reads next as following what it read before, and skip them)."""
+    client = redis.asyncio.Redis.from_url(session_servers[0].url)
+    stream = f"{namespace}:s"
+    await client.xgroup_create(stream, APPLY_GROUP, id="0", mkstream=True)
+    renewed = False
+    handled: list[bytes] = []
+    refusals: list[Exception] = []
+
+    async def handle(entries: Sequence[Entry]) -> None:
+        handled.extend(entry_id for entry_id, _ in entries)
+        await client.xack(stream, APPLY_GROUP, *(entry_id for entry_id, _ in entries))
+
+    drain = Drain()
+    stage = Stage(
+        "apply",
+        GroupReader(client, stream, APPLY_GROUP, "c", count=10, block_ms=50),
+        handle,
+        drain=drain,
+        on_error=refusals.append,
+        fence=Fence(f"{namespace}:lease", ME, lambda: renewed),
+        claim_interval_ms=60_000,
+        claim_idle_ms=60_000,
+        backoff_cap_ms=50,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(stage.run)
+            entry_id = await client.xadd(stream, entry_fields([f"{namespace}:k"]))  # type: ignore[arg-type]
+
+            async def refused_thrice() -> bool:
+                return len(refusals) >= 3
+
+            await wait_until(refused_thrice, what="reads held back")
+            assert all(isinstance(exc, LeaseNotRenewed) for exc in refusals)
+            [group] = await client.xinfo_groups(stream)
+            assert (handled, group["pending"], group["lag"]) == ([], 0, 1)  # not even delivered
+
+            renewed = True
+
+            async def read_now() -> bool:
+                return handled == [entry_id]
+
+            await wait_until(read_now, what="the entry read once the lease is renewed")
+            drain.request()
+    finally:
+        await client.aclose()
