@@ -73,6 +73,8 @@ class Round:
 
     start: list[int] = field(default_factory=list)
     stop: list[int] = field(default_factory=list)
+    failed: list[Exception] = field(default_factory=list)
+    """Errors of the leases whose node did not answer: the round went on with the others."""
 
 
 class PartitionLeases:
@@ -92,23 +94,36 @@ class PartitionLeases:
         """Renew, then take or ask for partitions up to the fair share."""
         decided = Round()
         holders: dict[str, list[int]] = {}
+        unknown: set[int] = set()
         for lease in self.leases:
-            await self._look(lease, decided, holders)
+            try:
+                await self._look(lease, decided, holders)
+            except REDIS_ERRORS as exc:  # its node does not answer: the others go on
+                decided.failed.append(exc)
+                unknown.add(lease.partition)
         holders.setdefault(self.value, [])
         share = math.ceil(len(self.leases) / len(holders))
         mine = len(self.held)
         for lease in self.leases:
             if mine >= share:
                 break
-            if lease.partition in self.held or any(
+            if lease.partition in self.held | unknown or any(
                 lease.partition in held for held in holders.values()
             ):
                 continue
-            if await self._take(lease):
+            try:
+                took = await self._take(lease)
+            except REDIS_ERRORS as exc:
+                decided.failed.append(exc)
+                continue
+            if took:
                 decided.start.append(lease.partition)
                 mine += 1
         if mine < share:
-            await self._ask(holders, share, mine)
+            try:
+                await self._ask(holders, share, mine)
+            except REDIS_ERRORS as exc:
+                decided.failed.append(exc)
         return decided
 
     async def _look(self, lease: Lease, decided: Round, holders: dict[str, list[int]]) -> None:

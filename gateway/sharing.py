@@ -68,13 +68,13 @@ class Sharing:
             while not region.drain.requested:
                 try:
                     decided = await self.leases.round()
-                    failures = 0
                 except REDIS_ERRORS as exc:
                     failures += 1
-                    if region.topology is not None:
-                        region.topology.saw("", exc)
-                    log_failure(f"{region.name}: partition leases", exc, failures)
+                    self._failed(exc, failures)
                 else:
+                    failures = failures + 1 if decided.failed else 0
+                    for error in decided.failed:
+                        self._failed(error, failures)
                     for p in decided.stop:
                         handing_over = p in self.leases.handing_over
                         tg.start_soon(self._stop, p, self.running.pop(p, None), handing_over)
@@ -144,6 +144,11 @@ class Sharing:
     async def _restart(self, p: int, old: Running, running: Running) -> None:
         await self._stop(p, old, False)
         await self._run_partition(p, running)
+
+    def _failed(self, exc: Exception, failures: int) -> None:
+        if self.region.topology is not None:
+            self.region.topology.saw("", exc)
+        log_failure(f"{self.region.name}: partition leases", exc, failures)
 
     async def _stop(self, p: int, running: Running | None, release: bool) -> None:
         """Stop partition ``p``: drained then released, or (lost) at once and not released."""

@@ -77,3 +77,22 @@ async def test_fair_shares_dead_holder_join_and_release(
     for p in list(a.held):  # a drains: releases at once, the others take them next round
         await a.release(p)
     await rounds([c, d], lambda: shares([c, d]) == [4, 4], seconds=TTL_MS / 1000)
+
+
+async def test_a_node_that_does_not_answer_costs_only_its_own_partitions(
+    client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """On a cluster each lease lives on its partition's node: one node down must not stop the
+    renewal of the others (a round that gave up at the first error lost every lease)."""
+    dead = redis.asyncio.Redis(
+        port=1, socket_timeout=1, socket_connect_timeout=0.5, retry=no_retry()
+    )  # nothing listens on port 1
+    member = process(client, namespace, "a")
+    member.leases[3].client = dead
+    decided = await member.round()
+    assert sorted(decided.start) == [0, 1, 2, 4, 5, 6, 7]
+    assert len(decided.failed) == 1
+    decided = await member.round()  # the renewals go on
+    assert decided.stop == []
+    assert member.held == {0, 1, 2, 4, 5, 6, 7}
+    await close(dead)
