@@ -14,11 +14,19 @@ import redis
 from invalgw.cache import UNLINK_CHUNK, Cache
 from invalgw.clock import ServerClock
 from invalgw.conflate import conflate
+from invalgw.connections import transaction
 from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Key, Plan, plan_batch
 from invalgw.epoch import Epoch
 from invalgw.feed import Feed
-from invalgw.functions import ACK, Fence, call_fenced
+from invalgw.functions import (
+    ACK,
+    Fence,
+    call_fenced,
+    fenced_command,
+    function_missing,
+    load_library,
+)
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
@@ -314,18 +322,28 @@ async def ack_with_status(
     """Acknowledge ``ids`` and save ``status`` in one call, so both survive a crash; refused
     (``FENCED``) if ``fence``'s lease is no longer this gateway's.
 
-    ``unlink``: keys of the same Redis to remove first, in the same call, so the effect and its
-    acknowledgement take one round trip and land together. Returns how many of them existed.
-    Keep them few: the call holds the Redis while it runs.
+    ``unlink``: keys of the same Redis to remove first, in the same transaction, so the effect
+    and its acknowledgement take one round trip and land together. Returns how many of them
+    existed. Keep them few: the transaction holds the Redis while it runs.
 
     ``ids`` may be empty: a batch of pattern invalidations only is acknowledged when their walks
     of the cache end, and its status is saved now.
     """
-    removed = await call_fenced(
-        reader.client,
-        ACK,
-        fence,
-        [reader.stream, status_key, *unlink],
-        [reader.group, status.origin, status_encoder.encode(status), *ids],
-    )
-    return int(removed)
+    keys = [reader.stream, status_key]
+    args = [reader.group, status.origin, status_encoder.encode(status), *ids]
+    if not unlink:
+        await call_fenced(reader.client, ACK, fence, keys, args)
+        return 0
+    commands: list[tuple[Any, ...]] = [
+        ("UNLINK", *unlink[start : start + UNLINK_CHUNK])
+        for start in range(0, len(unlink), UNLINK_CHUNK)
+    ]
+    commands.append(fenced_command(ACK, fence, keys, args))
+    try:
+        replies = await transaction(reader.client, commands)
+    except redis.ResponseError as exc:
+        if not function_missing(exc):
+            raise
+        await load_library(reader.client)  # the Redis restarted since the start
+        replies = await transaction(reader.client, commands)
+    return sum(replies[:-1])
