@@ -139,13 +139,16 @@ async def _retried(call: Callable[[], Awaitable[object]]) -> None:
     """``call``, tried again as a producer must during a migration: redis-py's asyncio cluster
     client sends ASKING as a command of its own, on any free connection of the node, so with
     several commands in flight the redirected command may run without it, be sent back with
-    MOVED, and bounce until the client gives up ("TTL exhausted")."""
+    MOVED, and bounce until the client gives up ("TTL exhausted"). And on MOVED it re-reads the
+    slot map closing every connection of the client (redis-py 8.0), so a command in flight on
+    another task fails with "Connection lost" (written or not: an invalidation sent twice is
+    harmless)."""
     with anyio.fail_after(10):
         while True:
             try:
                 await call()
                 return
-            except redis.exceptions.ClusterError:
+            except (redis.exceptions.ClusterError, redis.exceptions.ConnectionError):
                 await anyio.sleep(0.01)
 
 
