@@ -18,6 +18,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -317,9 +318,10 @@ class Mesh:
     def spawn(
         self, name: str, argv: list[str], *, stdout_pipe: bool = False, measured: bool = True
     ) -> Child:
-        child = Child(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
+        with _deferring_interrupts():  # a child started is a child the rig stops
+            child = Child(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
+            self.children.append(child)
         child.measured = measured
-        self.children.append(child)
         return child
 
     def stop(self, children: list[Child]) -> None:
@@ -449,6 +451,29 @@ def _ignoring_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _deferring_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (and SIGTERM) until the block ends, then raise KeyboardInterrupt: one that
+    came between starting a child process and recording it left the child running after the
+    bench exited."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def interrupt_on_sigterm() -> Callable[[], None]:
