@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import redis
@@ -19,14 +20,7 @@ from invalgw.deadletter import DeadLetter, DeadLetters
 from invalgw.effects import Key, Plan, plan_batch
 from invalgw.epoch import Epoch
 from invalgw.feed import Feed
-from invalgw.functions import (
-    ACK,
-    Fence,
-    call_fenced,
-    fenced_command,
-    function_missing,
-    load_library,
-)
+from invalgw.functions import ACK, Fence, call_fenced, fenced_command, with_library
 from invalgw.gaps import Gaps
 from invalgw.lag import LagWindow, LinkStatus, lag_counts, status_encoder
 from invalgw.metrics import Metrics
@@ -339,11 +333,5 @@ async def ack_with_status(
         for start in range(0, len(unlink), UNLINK_CHUNK)
     ]
     commands.append(fenced_command(ACK, fence, keys, args))
-    try:
-        replies = await transaction(reader.client, commands)
-    except redis.ResponseError as exc:
-        if not function_missing(exc):
-            raise
-        await load_library(reader.client)  # the Redis restarted since the start
-        replies = await transaction(reader.client, commands)
+    replies = await with_library(reader.client, partial(transaction, reader.client, commands))
     return sum(replies[:-1])

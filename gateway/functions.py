@@ -44,13 +44,16 @@ more than they take.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import redis
 
 from invalgw.connections import AsyncRedis, call
+
+T = TypeVar("T")
 
 LIBRARY = "invalgw"
 APPEND = "invalgw_append"
@@ -206,14 +209,21 @@ async def call_fenced(
 ) -> Any:
     """``FCALL function`` with the fence's lease key and holder first (unchecked without one),
     loading the library first if the Redis lost it (restarted since the start)."""
-    command = fenced_command(function, fence, keys, args)
+    return await with_library(
+        client, partial(call, client, *fenced_command(function, fence, keys, args))
+    )
+
+
+async def with_library(client: AsyncRedis, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` (a call of one of the library's functions on ``client``), made again once
+    the library is loaded if the Redis lost it (it restarted since the gateway started)."""
     try:
-        return await call(client, *command)
+        return await attempt()
     except redis.ResponseError as exc:
         if not function_missing(exc):
             raise
     await load_library(client)
-    return await call(client, *command)
+    return await attempt()
 
 
 def fenced_command(

@@ -38,7 +38,8 @@ end
 return 0
 """
 
-_RELEASE = """
+RELEASE = """
+-- delete the lease if it still holds this holder (both lease kinds)
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -56,7 +57,7 @@ class RegionLease:
         """Local monotonic time of the last take or renewal that succeeded."""
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(RELEASE)
 
     @property
     def renew_interval_s(self) -> float:

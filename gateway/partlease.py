@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from invalgw.connections import REDIS_ERRORS, AsyncRedis
+from invalgw.lease import RELEASE
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ return 0
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -194,4 +188,4 @@ class PartitionLeases:
         self.held.discard(partition)
         self.handing_over.discard(partition)
         await lease.client.delete(lease.handover_key)
-        await lease.client.eval(_RELEASE, 1, lease.key, self.value)
+        await lease.client.eval(RELEASE, 1, lease.key, self.value)

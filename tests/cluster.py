@@ -10,12 +10,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import redis
 import redis.asyncio
 import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from invalgw.config import RegionConfig
 from invalgw.dev.localredis import RedisProcess, port_in_use
 from tests.processes import die_with_parent
 
@@ -172,3 +174,22 @@ def cluster_client(node: RedisProcess) -> redis.asyncio.RedisCluster:
         socket_connect_timeout=2,
         retry=redis.asyncio.retry.Retry(NoBackoff(), 1),
     )
+
+
+def partitioned_on_cluster(
+    configs: dict[str, RegionConfig], partitions: int, *, lease_ms: int | None = None
+) -> dict[str, RegionConfig]:
+    """``configs`` (us-east on a cluster's URL, eu-west on a standalone Redis) with us-east's
+    stream in ``partitions`` partitions on that cluster, and eu-west told so."""
+    us_east, eu_west = configs["us-east"], configs["eu-west"]
+    gateway = us_east.gateway
+    if lease_ms is not None:
+        gateway = msgspec.structs.replace(gateway, lease_ms=lease_ms)
+    us_east = msgspec.structs.replace(
+        us_east,
+        redis=msgspec.structs.replace(us_east.redis, cluster=True),
+        streams=msgspec.structs.replace(us_east.streams, partitions=partitions),
+        gateway=gateway,
+    )
+    peer = msgspec.structs.replace(eu_west.peers[0], partitions=partitions, cluster=True)
+    return {"us-east": us_east, "eu-west": msgspec.structs.replace(eu_west, peers=[peer])}

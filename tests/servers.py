@@ -12,6 +12,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -63,6 +64,20 @@ class RedisServer:
 
     def stop(self) -> None:
         self.process.cleanup()
+
+
+def async_client(
+    url: str, username: str | None = None, password: str | None = None
+) -> redis.asyncio.Redis:
+    """A test's own client: timeouts, no retries (a test sees each failure)."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=no_retry(),
+        username=username,
+        password=password,
+    )
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from invalgw.names import Names
 from invalgw.producer import SyncInvalidator
 from invalgw.proto import Batch, decode_envelope
 from invalgw.proto.envelope import ENVELOPE_FIELD
-from tests.cluster import redis_cluster
+from tests.cluster import partitioned_on_cluster, redis_cluster
 from tests.conftest import make_configs
 from tests.processes import GatewayProcess, Processes, all_gone, sync_client, wait_for
 from tests.servers import RedisServer
@@ -45,15 +45,7 @@ def region_configs(
 ) -> dict[str, RegionConfig]:
     cluster_url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
     configs = make_configs({"us-east": cluster_url, "eu-west": server.url}, namespace)
-    us_east, eu_west = configs["us-east"], configs["eu-west"]
-    us_east = msgspec.structs.replace(
-        us_east,
-        redis=msgspec.structs.replace(us_east.redis, cluster=True),
-        streams=msgspec.structs.replace(us_east.streams, partitions=P),
-        gateway=msgspec.structs.replace(us_east.gateway, lease_ms=LEASE_MS),
-    )
-    peer = msgspec.structs.replace(eu_west.peers[0], partitions=P, cluster=True)
-    return {"us-east": us_east, "eu-west": msgspec.structs.replace(eu_west, peers=[peer])}
+    return partitioned_on_cluster(configs, P, lease_ms=LEASE_MS)
 
 
 def owners(cluster: redis.RedisCluster, config: RegionConfig) -> dict[int, str]:

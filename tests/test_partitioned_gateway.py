@@ -26,7 +26,7 @@ from invalgw.dev.localredis import RedisProcess
 from invalgw.names import APPLY_GROUP, Names, forward_group
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
-from tests.cluster import cluster_client, redis_cluster
+from tests.cluster import cluster_client, partitioned_on_cluster, redis_cluster
 from tests.conftest import (
     make_configs,
     metric,
@@ -54,14 +54,7 @@ def two_regions(
 ) -> dict[str, RegionConfig]:
     cluster_url = f"redis://127.0.0.1:{cluster_nodes[0].port}/0"
     configs = make_configs({"us-east": cluster_url, "eu-west": session_servers[1].url}, namespace)
-    us_east, eu_west = configs["us-east"], configs["eu-west"]
-    us_east = msgspec.structs.replace(
-        us_east,
-        redis=msgspec.structs.replace(us_east.redis, cluster=True),
-        streams=msgspec.structs.replace(us_east.streams, partitions=P),
-    )
-    peer = msgspec.structs.replace(eu_west.peers[0], partitions=P, cluster=True)
-    return {"us-east": us_east, "eu-west": msgspec.structs.replace(eu_west, peers=[peer])}
+    return partitioned_on_cluster(configs, P)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import msgspec
 import pytest
 import redis
 import redis.asyncio
@@ -29,7 +28,7 @@ from invalgw.names import APPLY_GROUP, Names
 from invalgw.producer import Invalidator
 from invalgw.proto import partition_of
 from invalgw.topology import redirect_kind
-from tests.cluster import cluster_client, redis_cluster, replica_of
+from tests.cluster import cluster_client, partitioned_on_cluster, redis_cluster, replica_of
 from tests.conftest import make_configs, metric, running, wait_until
 from tests.servers import RedisServer, no_retry
 
@@ -57,14 +56,7 @@ def _two_regions(
     """us-east on the cluster entered at ``entry``, in P partitions; eu-west on ``standalone``."""
     cluster_url = f"redis://127.0.0.1:{entry.port}/0"
     configs = make_configs({"us-east": cluster_url, "eu-west": standalone.url}, namespace)
-    us_east, eu_west = configs["us-east"], configs["eu-west"]
-    us_east = msgspec.structs.replace(
-        us_east,
-        redis=msgspec.structs.replace(us_east.redis, cluster=True),
-        streams=msgspec.structs.replace(us_east.streams, partitions=P),
-    )
-    peer = msgspec.structs.replace(eu_west.peers[0], partitions=P, cluster=True)
-    return {"us-east": us_east, "eu-west": msgspec.structs.replace(eu_west, peers=[peer])}
+    return partitioned_on_cluster(configs, P)
 
 
 @pytest.fixture

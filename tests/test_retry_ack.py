@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anyio
 import pytest
-import redis.asyncio
 
 from invalgw.apply import ack_when_done
 from invalgw.cache import Cache
@@ -14,22 +13,9 @@ from invalgw.read import GroupReader
 from invalgw.retries import CacheRetries, RetryJob
 from invalgw.stages import Drain
 from tests.conftest import wait_until
-from tests.servers import RedisServer, no_retry
+from tests.servers import RedisServer, async_client
 
 pytestmark = pytest.mark.anyio
-
-
-def _client(
-    url: str, username: str | None = None, password: str | None = None
-) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        retry=no_retry(),
-        username=username,
-        password=password,
-    )
 
 
 async def test_a_cache_retry_whose_acknowledgement_failed_acknowledges_later(
@@ -39,7 +25,7 @@ async def test_a_cache_retry_whose_acknowledgement_failed_acknowledges_later(
     must still be acknowledged once Redis answers, not stay pending (and block trimming) for
     the gateway's lifetime."""
     url = session_servers[0].url
-    admin = _client(url)
+    admin = async_client(url)
     user, password = f"{namespace}-reader", "pw"
     await admin.acl_setuser(
         user,
@@ -50,7 +36,7 @@ async def test_a_cache_retry_whose_acknowledgement_failed_acknowledges_later(
         commands=["+@all"],
     )
     stream = f"{namespace}:stream"
-    reads = _client(url, username=user, password=password)
+    reads = async_client(url, username=user, password=password)
     drain = Drain()
     try:
         entry_id: bytes = await admin.xadd(stream, {"keys": "k"})  # type: ignore[assignment]

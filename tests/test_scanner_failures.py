@@ -18,7 +18,7 @@ from invalgw.proto import Invalidation
 from invalgw.scanner import ScanJob, Scanner
 from invalgw.stages import Drain
 from tests.conftest import wait_until
-from tests.servers import RedisServer, no_retry
+from tests.servers import RedisServer, async_client
 
 pytestmark = pytest.mark.anyio
 
@@ -31,19 +31,6 @@ class BrokenCache(Cache):
         yield []  # pragma: no cover - makes this an async generator
 
 
-def _client(
-    url: str, username: str | None = None, password: str | None = None
-) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        retry=no_retry(),
-        username=username,
-        password=password,
-    )
-
-
 async def test_a_walk_given_up_while_redis_refuses_the_dead_letter_stops_nothing(
     session_servers: list[RedisServer], namespace: str
 ) -> None:
@@ -51,7 +38,7 @@ async def test_a_walk_given_up_while_redis_refuses_the_dead_letter_stops_nothing
     The scanner must retry that like any Redis error, not die (and take the gateway with it);
     once Redis answers, the letter is written and the entry acknowledged."""
     url = session_servers[0].url
-    admin = _client(url)
+    admin = async_client(url)
     user, password = f"{namespace}-scanner", "pw"
     await admin.acl_setuser(
         user,
@@ -63,7 +50,7 @@ async def test_a_walk_given_up_while_redis_refuses_the_dead_letter_stops_nothing
     )
     await admin.acl_log_reset()
     letters_stream = f"{namespace}:dead"
-    writer = _client(url, username=user, password=password)
+    writer = async_client(url, username=user, password=password)
     drain = Drain()
     metrics = Metrics("r", CollectorRegistry())
     letters = DeadLetters(writer, letters_stream, region="r", max_len=100, metrics=metrics)
@@ -108,7 +95,7 @@ async def test_each_entry_waiting_for_a_walk_is_told_once_even_if_one_fails(
     """Two entries wait for the same walk; acknowledging the second fails once (Redis went
     away). Then the second is told again, and the first not: one part of an entry with several
     walks told twice would acknowledge it before its other walks ended."""
-    client = _client(session_servers[0].url)
+    client = async_client(session_servers[0].url)
     drain = Drain()
     scanner = Scanner(
         Cache(client),
