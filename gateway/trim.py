@@ -161,6 +161,7 @@ class StreamTrimmer:
         self._epoch: bytes | None = b""
         """The epoch what is remembered belongs to (b"": not read yet; None: the key was gone)."""
         self._reported: dict[str, StreamId] | None = None
+        self._group_names: list[bytes] = []
         self._had: dict[str, StreamId] = {}
         """Each group's last-delivered ID at the end of the last round."""
         self._added: tuple[float, int] | None = None
@@ -205,26 +206,46 @@ class StreamTrimmer:
         return groups
 
     async def _read(self) -> tuple[StreamState, list[GroupPosition]]:
-        async with self.client.pipeline(transaction=False) as pipe:
+        """The stream, its groups and their pending entries, as one MULTI saw them: a sender
+        that acknowledges its pending entries as it moves its cursor on must not be seen with
+        the cursor before the move and the pending entries after it (a loss that is not)."""
+        for _ in range(3):
+            state, groups, stale = await self._read_with_pending(self._group_names)
+            self._group_names = [group.raw_name for group in groups]
+            if not stale:
+                break
+        return state, groups
+
+    async def _read_with_pending(
+        self, names: list[bytes]
+    ) -> tuple[StreamState, list[GroupPosition], bool]:
+        """As :meth:`_read`, with the pending summary of the groups ``names`` (those of the last
+        read); True if a group with pending entries was not among them: read again."""
+        async with self.client.pipeline(transaction=True) as pipe:
             pipe.xinfo_stream(self.stream)
             pipe.xinfo_groups(self.stream)
+            for name in names:
+                pipe.xpending(self.stream, name)
             if self.epoch_key is not None:
                 pipe.get(self.epoch_key)
-            info, raw_groups, *epoch = await pipe.execute()
-        if epoch:
-            self._follow_epoch(epoch[0])
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[:2]:
+            if isinstance(reply, Exception):
+                raise reply
+        info, raw_groups, summaries = replies[0], replies[1], replies[2 : 2 + len(names)]
+        if self.epoch_key is not None:
+            self._follow_epoch(replies[-1])
         groups = [GroupPosition.parse(group) for group in raw_groups]
-        behind = [group for group in groups if group.pending]
-        if behind:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for group in behind:
-                    pipe.xpending(self.stream, group.raw_name or group.name)
-                for group, summary in zip(behind, await pipe.execute(), strict=True):
-                    if summary.get("min") is not None:
-                        oldest = StreamId.parse(summary["min"]).previous()
-                        group.has = min(group.has, oldest)
-                        group.received = max(group.received, StreamId.parse(summary["max"]))
-        return self._remember(StreamState.parse(info)), groups
+        pending = dict(zip(names, summaries, strict=True))
+        stale = False
+        for group in groups:
+            summary = pending.get(group.raw_name)
+            if not isinstance(summary, dict):  # a group created since the last read
+                stale = stale or group.pending > 0
+            elif summary.get("min") is not None:
+                group.has = min(group.has, StreamId.parse(summary["min"]).previous())
+                group.received = max(group.received, StreamId.parse(summary["max"]))
+        return self._remember(StreamState.parse(info)), groups, stale
 
     def _follow_epoch(self, epoch: bytes | None) -> None:
         """Forget what was remembered of the stream when its history was lost: the epoch key is

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio
 
@@ -294,3 +295,36 @@ async def test_a_round_cut_off_by_a_graceful_restart_after_its_trim_reports_no_l
             assert gaps.seen == []
         finally:
             await client.aclose()
+
+
+async def test_a_sender_moving_its_cursor_past_claimed_entries_mid_round_is_no_loss(
+    client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """A restarted sender sends its claimed pending entries again from just before the first,
+    then moves its cursor past them and acknowledges them in one step. A round that saw the
+    cursor from before that step and the pending list from after it would take the entry a
+    producer deleted among them for a loss of the trimmer's own; the sender reports it."""
+    stream, group = f"{namespace}:s", "to:peer"
+    gaps = Gaps()
+    for attempt in range(60):
+        await client.delete(stream)
+        ids = await write(client, stream, 3)
+        await client.xgroup_create(stream, group, id="0")
+        await client.xreadgroup(group, "dead", {stream: ">"})
+        await client.xdel(stream, ids[1])
+        await client.xautoclaim(stream, group, "sender", 0, "0")  # drops the deleted one
+        await client.xgroup_setid(stream, group, str(StreamId.parse(ids[0]).previous()))
+        trimmer = StreamTrimmer(client, stream, max_len=1000, on_gap=gaps, groups_needed=[group])
+
+        async def move_on(*, delay: int = attempt % 4, ids: list[bytes] = ids) -> None:
+            for _ in range(delay):
+                await client.ping()
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xgroup_setid(stream, group, ids[2])
+                pipe.xack(stream, group, ids[0], ids[2])
+                await pipe.execute()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(move_on)
+            await trimmer.round()
+    assert gaps.seen == []
