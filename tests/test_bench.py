@@ -6,6 +6,7 @@ Timings are never asserted: the benchmark is a tool, not a timed test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -286,9 +287,9 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _processes_under(workdir: str) -> list[str]:
-    """Command lines of running processes that mention ``workdir`` (servers, gateways...)."""
-    found = []
+def _pids_under(workdir: str) -> dict[int, str]:
+    """Running processes whose command line mentions ``workdir`` (servers, gateways...)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -297,8 +298,12 @@ def _processes_under(workdir: str) -> list[str]:
         except OSError:
             continue
         if workdir in cmdline:
-            found.append(cmdline)
+            found[int(entry.name)] = cmdline
     return found
+
+
+def _processes_under(workdir: str) -> list[str]:
+    return list(_pids_under(workdir).values())
 
 
 @pytest.mark.e2e
@@ -384,7 +389,17 @@ def test_ctrl_c_stops_everything_the_bench_started(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "bench did not start its latency run"
         time.sleep(0.1)
     os.kill(bench.pid, signal.SIGINT)
-    _out, err = bench.communicate(timeout=60)
+    try:
+        _out, err = bench.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(bench.pid, signal.SIGUSR1)  # the bench's stacks, on its stderr
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            bench.communicate(timeout=5)  # what it writes is kept for the next call
+        for pid in [bench.pid, *_pids_under(str(tmp_path))]:  # nothing left for the next test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        _out, err = bench.communicate(timeout=10)
+        pytest.fail(f"the bench did not stop within 60 s of Ctrl-C; where it was:\n{err}")
     assert bench.returncode == 130, err
     assert "interrupted" in err
     assert _processes_under(str(tmp_path)) == []

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib.metadata
 import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -310,6 +312,7 @@ def cmd_bench(args: BenchOptions) -> int:
         print(f"invalgw bench: {exc}", file=sys.stderr)
         return 2
     command = "invalgw " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "invalgw bench"
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     undo = interrupt_on_sigterm()
     try:
         report = run(args, command, picked, measured)
