@@ -258,7 +258,9 @@ class StreamTrimmer:
         self._epoch = epoch
 
     def _pace(self, state: StreamState) -> None:
-        """Shorten the interval so that a quarter of the cap's margin arrives between rounds."""
+        """Shorten the interval so that at most a quarter of the room left below the cap (and
+        its margin) arrives between rounds: rounds come fast only while the stream is near its
+        cap, not while every group keeps it short at a high rate."""
         now = time.monotonic()
         if state.entries_added is None:
             return
@@ -267,7 +269,8 @@ class StreamTrimmer:
             self.interval_s, self._headroom = MAX_INTERVAL_S, 0
             if rate > 0:
                 margin = cap_margin(self.max_len)
-                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, margin / 4 / rate))
+                room = max(margin, self.max_len + margin - state.length)
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, room / 4 / rate))
                 self._headroom = min(margin // 2, int(rate * self.interval_s))
         self._added = (now, state.entries_added)
 

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio
 
 from invalgw.proto import StreamId
-from invalgw.trim import GroupPosition, StreamTrimmer, cap_margin
+from invalgw.trim import MAX_INTERVAL_S, GroupPosition, StreamTrimmer, cap_margin
 from tests.conftest import wait_until
 from tests.servers import RedisServer, no_retry, redis_servers
 
@@ -328,3 +328,22 @@ async def test_a_sender_moving_its_cursor_past_claimed_entries_mid_round_is_no_l
             tg.start_soon(move_on)
             await trimmer.round()
     assert gaps.seen == []
+
+
+async def test_rounds_come_fast_only_while_the_stream_is_near_its_cap(
+    client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """At a high rate a stream every group keeps short needs no more rounds than a quiet one;
+    one near its cap needs them often enough that the margin over the cap holds."""
+    short, full = f"{namespace}:short", f"{namespace}:full"
+    far = StreamTrimmer(client, short, max_len=1_000_000)
+    near = StreamTrimmer(client, full, max_len=1_000)
+    for trimmer in (far, near):
+        await write(client, trimmer.stream, 900)
+        await client.xgroup_create(trimmer.stream, "behind", id="0")  # reads nothing
+        await trimmer.round()
+        await write(client, trimmer.stream, 2_000)  # fast: a few milliseconds
+        await trimmer.round()
+    assert far.interval_s == MAX_INTERVAL_S
+    assert near.interval_s < MAX_INTERVAL_S
+    assert int(await client.xlen(full)) <= 1_000 + cap_margin(1_000)
