@@ -7,7 +7,6 @@ running and ``redis-cli HGETALL`` shows it to a person.
 
 from __future__ import annotations
 
-import random
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -68,48 +67,49 @@ def lag_counts(origin_ids: Sequence[str], now_ms: float) -> list[tuple[float, in
 
 
 class LagWindow:
-    """Lag samples of the current interval; :meth:`take` summarises and starts a new one."""
+    """Lags of the current interval, as (lag, how many) pairs; :meth:`take` summarises them
+    exactly and starts a new interval.
 
-    MAX_SAMPLES = 20_000
+    Invalidations arrive counted per origin millisecond (:func:`lag_counts`), so an interval
+    holds a pair per distinct millisecond seen, not an entry per invalidation. Past
+    :data:`MAX_PAIRS` (an interval far longer than the status period), lags are rounded to a
+    tenth of a millisecond and merged."""
+
+    MAX_PAIRS = 20_000
 
     def __init__(self) -> None:
-        self._samples: list[float] = []
-        self._seen = 0
-        self._max: float | None = None
+        self._counts: list[tuple[float, int]] = []
 
     def add(self, lag_ms: float) -> None:
         self.add_counts([(lag_ms, 1)])
 
     def add_counts(self, counts: Iterable[tuple[float, int]]) -> None:
-        """Add ``count`` samples of each ``lag_ms``; past MAX_SAMPLES, keep a uniform sample."""
-        samples, limit = self._samples, self.MAX_SAMPLES
-        for lag_ms, count in counts:
-            self._seen += count
-            if self._max is None or lag_ms > self._max:
-                self._max = lag_ms
-            room = limit - len(samples)
-            if room >= count:
-                samples.extend([lag_ms] * count)
-                continue
-            samples.extend([lag_ms] * room)
-            # Reservoir sampling, a batch at a time: each further sample is kept with
-            # probability limit / seen, in a random slot.
-            expected = (count - room) * limit / self._seen
-            kept = int(expected) + (random.random() < expected % 1)
-            for _ in range(kept):
-                samples[random.randrange(limit)] = lag_ms
+        """Add ``count`` invalidations at each ``lag_ms``."""
+        self._counts.extend(counts)
+        if len(self._counts) > self.MAX_PAIRS:
+            merged: dict[float, int] = {}
+            for lag_ms, count in self._counts:
+                rounded = round(lag_ms, 1)
+                merged[rounded] = merged.get(rounded, 0) + count
+            self._counts = list(merged.items())
 
     def take(self) -> tuple[float | None, float | None, float | None]:
         """(p50, p99, max) of the interval, then reset."""
-        samples, self._samples, self._seen = sorted(self._samples), [], 0
-        largest, self._max = self._max, None
-        if not samples:
+        counts, self._counts = sorted(self._counts), []
+        total = sum(count for _, count in counts)
+        if not total:
             return None, None, None
-        return (
-            samples[len(samples) // 2],
-            samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
-            largest,
-        )
+        p50_at, p99_at = total // 2, min(total - 1, (total * 99) // 100)
+        p50 = p99 = counts[-1][0]
+        seen, found_p50 = 0, False
+        for lag_ms, count in counts:
+            seen += count
+            if not found_p50 and seen > p50_at:
+                p50, found_p50 = lag_ms, True
+            if seen > p99_at:
+                p99 = lag_ms
+                break
+        return p50, p99, counts[-1][0]
 
 
 status_encoder = msgspec.json.Encoder()
