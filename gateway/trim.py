@@ -213,8 +213,8 @@ class StreamTrimmer:
             state, groups, stale = await self._read_with_pending(self._group_names)
             self._group_names = [group.raw_name for group in groups]
             if not stale:
-                break
-        return state, groups
+                return state, groups
+        raise redis.RedisError(f"groups of {self.stream} keep appearing; trimmed next round")
 
     async def _read_with_pending(
         self, names: list[bytes]
