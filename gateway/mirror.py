@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
 _STREAM_IDS = re.compile(r"[0-9]+-[0-9]+(?:,[0-9]+-[0-9]+)*")
+
+SENT_AHEAD_MS = 5_000
+"""How far past the origin's clock (as this region samples it) an envelope's ``sent_ms`` is
+believed; a later one, forged or from a broken clock, counts as that much: it cannot hold a
+link's heartbeat age at 0 after the link went silent."""
 """Stream IDs joined with commas."""
 
 
@@ -82,12 +87,14 @@ class MirrorApplier:
         events: list[Invalidation] = []
         owners: list[tuple[bytes, list[Invalidation]]] = []
         work.events = lambda: owners
+        latest_ms = int(self.origin_now_ms()) + SENT_AHEAD_MS
         for entry_id, envelope, kept in envelopes:
             # Continuity follows the envelope as sent, whatever this region refused of it.
             for reason, after, upto in _continuity(status, envelope):
                 status.gaps += 1
                 await self.ctx.gaps.record(self.origin, reason, after=after, upto=upto)
-            status.heartbeat_ms = max(status.heartbeat_ms, envelope.sent_ms)
+            sent_ms = min(envelope.sent_ms, latest_ms)
+            status.heartbeat_ms = max(status.heartbeat_ms, sent_ms)
             if kept:
                 events += kept
                 owners.append((entry_id, kept))

@@ -14,6 +14,11 @@ import pytest
 
 from invalgw.config import RedisEndpoint, RegionConfig
 from invalgw.connections import AsyncRedis, connect
+from invalgw.lag import status_decoder
+from invalgw.mirror import SENT_AHEAD_MS
+from invalgw.names import Names
+from invalgw.proto import Heartbeat, StreamId, encode_envelope
+from invalgw.proto.envelope import ENVELOPE_FIELD
 from invalgw.service import Gateway
 from tests.conftest import clients, running, wait_gone, wait_until
 
@@ -82,3 +87,40 @@ async def test_lag_stays_right_when_the_origin_clock_is_off(
             await wait_until(observed, what=f"{region} to observe the lag of every invalidation")
             mean = sample("sum") / sample("count")
             assert mean < 1.0, f"{region}: mean lag {mean:.3f}s"
+
+
+async def test_a_heartbeat_sent_from_the_future_cannot_hide_a_silent_link(
+    configs: dict[str, RegionConfig], namespace: str
+) -> None:
+    """A peer (forged, or its clock broken) sends a heartbeat a day ahead. Kept as sent, the
+    link's heartbeat age would read 0 for a day, however long the link then stays silent; it
+    counts as at most :data:`SENT_AHEAD_MS` past the origin's clock."""
+    names = Names(configs["us-east"].streams.namespace, configs["us-east"].streams.local)
+    mirror = names.mirror("us-east")
+    async with clients(configs) as by_region, running(configs):
+        east, west = by_region["us-east"], by_region["eu-west"]
+
+        async def linked() -> bool:
+            return await west.hget(names.status, "us-east") is not None
+
+        await wait_until(linked, what="eu-west's status of us-east")
+        raw: Any = await west.hget(names.status, "us-east")
+        status = status_decoder.decode(raw)
+        epoch: Any = await east.get(names.epoch)
+        forged = Heartbeat(
+            origin="us-east",
+            epoch=epoch.decode(),
+            last=status.last_id,
+            sent_ms=int(time.time() * 1000) + 86_400_000,
+        )
+        forged_id: Any = await west.xadd(mirror, {ENVELOPE_FIELD: encode_envelope(forged)})
+
+        async def applied() -> bool:
+            [group] = [g for g in await west.xinfo_groups(mirror) if g["name"] == b"apply"]
+            delivered = StreamId.parse(group["last-delivered-id"])
+            return delivered >= StreamId.parse(forged_id) and group["pending"] == 0
+
+        await wait_until(applied, what="the forged heartbeat applied in eu-west")
+        raw = await west.hget(names.status, "us-east")
+        status = status_decoder.decode(raw)
+        assert status.heartbeat_ms <= time.time() * 1000 + SENT_AHEAD_MS
