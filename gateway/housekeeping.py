@@ -78,7 +78,7 @@ class Chores:
 
     def trim_interval_s(self) -> float:
         """``trim_interval_ms`` or, for the local stream, shorter: at least ten rounds a second,
-        more while it grows fast (see :func:`invalgw.trim.cap_margin`)."""
+        more while it grows fast near its cap (see :meth:`invalgw.trim.StreamTrimmer._pace`)."""
         every_s = self.region.config.gateway.trim_interval_ms / 1000
         return min(every_s, self.local_trimmer.interval_s)
 

@@ -33,8 +33,9 @@ the gateway remembers the highest it saw, but deletions made while no gateway ra
 such a restart, show only as pending entries found deleted (reported by the stage that held
 them).
 
-Rounds come at least every :data:`MAX_INTERVAL_S`, and more often when the stream grows fast, so
-that a quarter of :func:`cap_margin` arrives between two; while the stream grows, the cap is
+Rounds come at least every :data:`MAX_INTERVAL_S`, and more often when the stream grows fast near
+its cap, so that at most a quarter of the room left below ``max_len + cap_margin`` (near the cap:
+a quarter of :func:`cap_margin`) arrives between two; while the stream grows, the cap is
 trimmed ahead by what is expected before the next round (at most half the margin), so a round
 three times slower than planned still keeps it within the margin.
 So the stream holds at most ``max_len + cap_margin(max_len)`` entries (1% over the cap, at least
