@@ -80,9 +80,6 @@ class LagWindow:
     def __init__(self) -> None:
         self._counts: list[tuple[float, int]] = []
 
-    def add(self, lag_ms: float) -> None:
-        self.add_counts([(lag_ms, 1)])
-
     def add_counts(self, counts: Iterable[tuple[float, int]]) -> None:
         """Add ``count`` invalidations at each ``lag_ms``."""
         self._counts.extend(counts)

@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
 _STREAM_IDS = re.compile(r"[0-9]+-[0-9]+(?:,[0-9]+-[0-9]+)*")
+"""Stream IDs joined with commas."""
 
 SENT_AHEAD_MS = 5_000
 """How far past the origin's clock (as this region samples it) an envelope's ``sent_ms`` is
 believed; a later one, forged or from a broken clock, counts as that much: it cannot hold a
 link's heartbeat age at 0 after the link went silent."""
-"""Stream IDs joined with commas."""
 
 
 class MirrorApplier:
