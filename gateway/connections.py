@@ -218,9 +218,12 @@ async def read_group(
     return entries
 
 
-async def transaction(client: AsyncRedis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+async def transaction(
+    client: AsyncRedis, commands: Sequence[tuple[Any, ...]], *, raise_on_error: bool = True
+) -> list[Any]:
     """``commands`` in one MULTI … EXEC, written at once on a connection of ``client``'s pool:
-    the replies EXEC gives, raising the first error among them, as redis-py's transaction does.
+    the replies EXEC gives, raising the first error among them, as redis-py's transaction does
+    (``raise_on_error=False``: an error reply stays in its place, as a ``ResponseError``).
 
     Without redis-py's pipeline machinery (a retry wrapper, a reply callback per command, the
     pool's events), which cost more CPU than the round trip itself for the acknowledgement of
@@ -244,7 +247,7 @@ async def transaction(client: AsyncRedis, commands: Sequence[tuple[Any, ...]]) -
         raise
     finally:
         await pool.release(connection)
-    for reply in replies:
+    for reply in replies if raise_on_error else ():
         if isinstance(reply, redis.ResponseError):
             raise reply
     return replies

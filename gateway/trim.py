@@ -33,6 +33,10 @@ the gateway remembers the highest it saw, but deletions made while no gateway ra
 such a restart, show only as pending entries found deleted (reported by the stage that held
 them).
 
+While the stream is idle and every group has all of it, a round only looks at the stream (one
+``XINFO STREAM``): nothing a group could lose or trimming could take has moved; every
+:data:`FULL_ROUND_EVERY`-th round reads the groups all the same.
+
 Rounds come at least every :data:`MAX_INTERVAL_S`, and more often when the stream grows fast near
 its cap, so that at most a quarter of the room left below ``max_len + cap_margin`` (near the cap:
 a quarter of :func:`cap_margin`) arrives between two; while the stream grows, the cap is
@@ -53,7 +57,7 @@ from typing import Any
 
 import redis
 
-from invalgw.connections import AsyncRedis
+from invalgw.connections import AsyncRedis, call, transaction
 from invalgw.proto import StreamId
 from invalgw.proto.streamid import ZERO
 
@@ -67,6 +71,10 @@ MIN_INTERVAL_S = 0.01
 
 MAX_INTERVAL_S = 0.1
 """Trimming runs at least this often: a burst is seen within a tenth of a second."""
+
+FULL_ROUND_EVERY = 10
+"""While a stream is idle and every group has all of it, one round in this many reads the groups;
+the others only look at the stream (see :meth:`StreamTrimmer.round`)."""
 
 WARN_EVERY_S = 10.0
 
@@ -176,10 +184,18 @@ class StreamTrimmer:
         """When the next round should run, at the stream's current growth."""
         self._settled: tuple[Any, ...] | None = None
         """The stream and its groups as the last trim left them."""
+        self._idle: tuple[tuple[Any, ...], list[GroupPosition]] | None = None
+        """The stream as the last round found it, and the groups, when every group had it all."""
+        self._probes = 0
+        """Rounds that only probed the stream since the last full one."""
 
     async def round(self) -> list[GroupPosition]:
         """Report losses, trim, report what the trim cost; returns each group's position."""
         try:
+            if await self._still_idle():
+                assert self._idle is not None
+                return self._idle[1]
+            self._idle, self._probes = None, 0
             state, groups = await self._read()
         except redis.ResponseError as exc:
             if "no such key" in str(exc).lower() and "NOGROUP" not in str(exc):
@@ -204,7 +220,24 @@ class StreamTrimmer:
         # trim nothing and find no loss (an idle region's stream, ten times a second)
         for group in groups:
             group.backlog = group.pending + await self._unread(group, state)
+        if not any(group.backlog for group in groups):
+            self._idle = (_stream_shape(state), groups)
         return groups
+
+    async def _still_idle(self) -> bool:
+        """Whether the stream is as the last round left it, every group having had all of it:
+        then no group can have moved, and one ``XINFO STREAM`` stands for a round (an idle
+        stream costs a tenth of what the round's transaction does), but every
+        :data:`FULL_ROUND_EVERY`-th (a group an operator moved or created is seen within it)."""
+        if self._idle is None or self._probes >= FULL_ROUND_EVERY - 1:
+            return False
+        info = await call(self.client, "XINFO", "STREAM", self.stream)
+        state = self._remember(StreamState.parse(_fields(info)))
+        if _stream_shape(state) != self._idle[0]:
+            return False
+        self._probes += 1
+        self._pace(state)
+        return True
 
     async def _read(self) -> tuple[StreamState, list[GroupPosition]]:
         """The stream, its groups and their pending entries, as one MULTI saw them: a sender
@@ -222,31 +255,31 @@ class StreamTrimmer:
     ) -> tuple[StreamState, list[GroupPosition], bool]:
         """As :meth:`_read`, with the pending summary of the groups ``names`` (those of the last
         read); True if a group with pending entries was not among them: read again."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xinfo_stream(self.stream)
-            pipe.xinfo_groups(self.stream)
-            for name in names:
-                pipe.xpending(self.stream, name)
-            if self.epoch_key is not None:
-                pipe.get(self.epoch_key)
-            replies = await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = [
+            ("XINFO", "STREAM", self.stream),
+            ("XINFO", "GROUPS", self.stream),
+            *(("XPENDING", self.stream, name) for name in names),
+        ]
+        if self.epoch_key is not None:
+            commands.append(("GET", self.epoch_key))
+        replies = await transaction(self.client, commands, raise_on_error=False)
         for reply in replies[:2]:
             if isinstance(reply, Exception):
                 raise reply
         info, raw_groups, summaries = replies[0], replies[1], replies[2 : 2 + len(names)]
         if self.epoch_key is not None:
             self._follow_epoch(replies[-1])
-        groups = [GroupPosition.parse(group) for group in raw_groups]
+        groups = [GroupPosition.parse(_fields(group)) for group in raw_groups]
         pending = dict(zip(names, summaries, strict=True))
         stale = False
         for group in groups:
             summary = pending.get(group.raw_name)
-            if not isinstance(summary, dict):  # a group created since the last read
+            if not isinstance(summary, list):  # a group created since the last read
                 stale = stale or group.pending > 0
-            elif summary.get("min") is not None:
-                group.has = min(group.has, StreamId.parse(summary["min"]).previous())
-                group.received = max(group.received, StreamId.parse(summary["max"]))
-        return self._remember(StreamState.parse(info)), groups, stale
+            elif summary[1] is not None:  # [count, lowest ID, highest ID, consumers]
+                group.has = min(group.has, StreamId.parse(summary[1]).previous())
+                group.received = max(group.received, StreamId.parse(summary[2]))
+        return self._remember(StreamState.parse(_fields(info))), groups, stale
 
     def _follow_epoch(self, epoch: bytes | None) -> None:
         """Forget what was remembered of the stream when its history was lost: the epoch key is
@@ -282,19 +315,18 @@ class StreamTrimmer:
         what is expected before the next round, while the stream grows). Returns the stream's
         state after, and the entry each group has next, before the trim and after it."""
         floor = min(group.has for group in groups)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for group in groups:
-                pipe.xrange(self.stream, min=f"({group.last_delivered}", count=1)
-            if floor.ms > 0:
-                pipe.xtrim(self.stream, minid=str(floor), approximate=True)
-            pipe.xtrim(self.stream, maxlen=self.max_len - self._headroom, approximate=False)
-            pipe.xinfo_stream(self.stream)
-            for group in groups:
-                pipe.xrange(self.stream, min=f"({group.last_delivered}", count=1)
-            replies = await pipe.execute()
+        nexts = [
+            ("XRANGE", self.stream, f"({group.last_delivered}", "+", "COUNT", 1) for group in groups
+        ]
+        commands: list[tuple[Any, ...]] = list(nexts)
+        if floor.ms > 0:
+            commands.append(("XTRIM", self.stream, "MINID", "~", str(floor)))
+        commands.append(("XTRIM", self.stream, "MAXLEN", "=", self.max_len - self._headroom))
+        commands += [("XINFO", "STREAM", self.stream), *nexts]
+        replies = await transaction(self.client, commands)
         count = len(groups)
         before, after = _next_ids(groups, replies[:count]), _next_ids(groups, replies[-count:])
-        return self._remember(StreamState.parse(replies[-count - 1])), before, after
+        return self._remember(StreamState.parse(_fields(replies[-count - 1]))), before, after
 
     def _remember(self, state: StreamState) -> StreamState:
         """Redis 7.0 forgets ``max-deleted-entry-id`` in an AOF rewrite and restart: what this
@@ -388,17 +420,31 @@ def unread(group: GroupPosition, state: StreamState) -> int | None:
     return None
 
 
-def _settled(state: StreamState, groups: list[GroupPosition]) -> tuple[Any, ...]:
-    """What a round's trim and loss reports depend on: if none of it changed since the last
-    trim, this round would neither trim nor report anything."""
+def _stream_shape(state: StreamState) -> tuple[Any, ...]:
+    """What tells whether anything was added to or deleted from the stream."""
     return (
         state.length,
         state.first,
         state.last_generated,
         state.max_deleted,
         state.entries_added,
+    )
+
+
+def _settled(state: StreamState, groups: list[GroupPosition]) -> tuple[Any, ...]:
+    """What a round's trim and loss reports depend on: if none of it changed since the last
+    trim, this round would neither trim nor report anything."""
+    return (
+        *_stream_shape(state),
         [(g.name, g.last_delivered, g.pending, g.entries_read, g.has) for g in groups],
     )
+
+
+def _fields(reply: dict[bytes, Any] | list[Any]) -> dict[str, Any]:
+    """A raw ``XINFO`` reply as the dict redis-py would make of it (the parser gives a map, or
+    names and values in turn)."""
+    pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+    return {name.decode(): value for name, value in pairs}
 
 
 def _next_ids(groups: list[GroupPosition], replies: list[Any]) -> dict[str, StreamId | None]:

@@ -10,7 +10,13 @@ import pytest
 import redis.asyncio
 
 from invalgw.proto import StreamId
-from invalgw.trim import MAX_INTERVAL_S, GroupPosition, StreamTrimmer, cap_margin
+from invalgw.trim import (
+    FULL_ROUND_EVERY,
+    MAX_INTERVAL_S,
+    GroupPosition,
+    StreamTrimmer,
+    cap_margin,
+)
 from tests.conftest import wait_until
 from tests.servers import RedisServer, no_retry, redis_servers
 
@@ -347,3 +353,43 @@ async def test_rounds_come_fast_only_while_the_stream_is_near_its_cap(
     assert far.interval_s == MAX_INTERVAL_S
     assert near.interval_s < MAX_INTERVAL_S
     assert int(await client.xlen(full)) <= 1_000 + cap_margin(1_000)
+
+
+async def test_an_idle_stream_is_only_looked_at_and_a_change_is_seen_at_once() -> None:
+    """Ten rounds a second on every stream: while nothing moves and every group has it all, a
+    round is one ``XINFO STREAM``; an entry added, or a group moved back by an operator, shows
+    in the groups' backlog at the next round (added) or within :data:`FULL_ROUND_EVERY` (moved)."""
+    with redis_servers(1) as (server,):
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=5, socket_connect_timeout=2, retry=no_retry()
+        )
+        stream, groups = "s", ["apply", "to:peer"]
+        await write(client, stream, 5)
+        for group in groups:
+            await client.xgroup_create(stream, group, id="$")
+        trimmer = StreamTrimmer(client, stream, max_len=1000, groups_needed=groups)
+
+        async def calls(command: str) -> int:
+            stats: Any = await client.info("commandstats")
+            return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        async def backlogs() -> dict[str, int]:
+            return {group.name: group.backlog for group in await trimmer.round()}
+
+        assert await backlogs() == {"apply": 0, "to:peer": 0}
+        xinfo, xpending = await calls("xinfo|stream"), await calls("xpending")
+        for _ in range(FULL_ROUND_EVERY - 1):
+            assert await backlogs() == {"apply": 0, "to:peer": 0}
+        assert await calls("xpending") == xpending
+        assert await calls("xinfo|stream") == xinfo + FULL_ROUND_EVERY - 1
+
+        await write(client, stream, 1)
+        assert await backlogs() == {"apply": 1, "to:peer": 1}
+        for group in groups:
+            await read(client, stream, group, 10)
+        assert await backlogs() == {"apply": 0, "to:peer": 0}
+
+        await client.xgroup_setid(stream, "to:peer", "0")  # an operator sends it all again
+        seen = [await backlogs() for _ in range(FULL_ROUND_EVERY)]
+        assert {"apply": 0, "to:peer": 6} in seen
+        await client.aclose()
