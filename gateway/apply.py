@@ -222,8 +222,12 @@ class AppliedRecord:
         self._batch.observe(len(events))
         if not events:
             return
-        for op, count in Counter([event.op for event in events]).items():
-            self._applied_op(op).inc(count)
+        ops = [event.op for event in events]
+        if ops.count(ops[0]) == len(ops):  # the usual batch: one kind of invalidation
+            self._applied_op(ops[0]).inc(len(ops))
+        else:
+            for op, count in Counter(ops).items():
+                self._applied_op(op).inc(count)
         self._removed.inc(removed)
         lags = lag_counts([event.id for event in events], origin_now_ms)
         self._lag.observe_counts([(lag / 1000, count) for lag, count in lags])
