@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 from typing import Any, Protocol, TypeVar
@@ -239,9 +240,13 @@ async def transaction(
             packed += connection.pack_command(*command)
         packed += connection.pack_command("EXEC")
         await connection.send_packed_command(packed, check_health=False)
-        for _ in range(len(commands) + 1):  # OK, then QUEUED for each (or the error)
-            await connection.read_response()
-        replies: list[Any] = await connection.read_response()
+        try:  # one deadline for every reply, not a timer armed and cancelled for each
+            async with asyncio.timeout(connection.socket_timeout):
+                for _ in range(len(commands) + 1):  # OK, then QUEUED for each (or the error)
+                    await connection.read_response(timeout=math.inf)
+                replies: list[Any] = await connection.read_response(timeout=math.inf)
+        except TimeoutError:
+            raise redis.TimeoutError("Timeout reading a transaction's replies") from None
     except BaseException:
         await connection.disconnect(nowait=True)
         raise

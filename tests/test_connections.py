@@ -3,6 +3,7 @@ send exactly the bytes redis-py would."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import redis
 import redis.asyncio
 
 from invalgw.config import RedisEndpoint
-from invalgw.connections import close, connect, connect_sync
+from invalgw.connections import close, connect, connect_sync, transaction
 from tests.servers import redis_servers
 
 pytestmark = pytest.mark.anyio
@@ -58,3 +59,24 @@ def test_arguments_redis_py_refuses_are_still_refused() -> None:
     connection = pool.connection_class(**pool.connection_kwargs)
     with pytest.raises(redis.DataError):
         connection.pack_command("SET", "k", True)
+
+
+async def test_a_transaction_to_a_frozen_redis_times_out_and_its_connection_is_not_reused() -> None:
+    """The replies of a transaction share one deadline (the socket timeout): a Redis that stops
+    answering mid-way costs a ``redis.TimeoutError`` after that long, not a wait for ever, and
+    the next transaction, once it answers again, runs on a fresh connection."""
+    with redis_servers(1) as (server,):
+        endpoint = RedisEndpoint(url=server.url, socket_timeout_ms=300, retries=0)
+        client = connect(endpoint, name="test")
+        commands = [("SET", "k", "1"), ("INCR", "k")]
+        assert await transaction(client, commands) == [b"OK", 2]
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                await transaction(client, commands)
+            assert time.monotonic() - started < 3
+        finally:
+            server.resume()
+        assert await transaction(client, [("GET", "k")]) in ([b"2"], [b"3"])
+        await client.aclose()
