@@ -330,12 +330,13 @@ async def ack_with_status(
     keys = [reader.stream, status_key]
     args = [reader.group, status.origin, status_encoder.encode(status), *ids]
     if not unlink:
-        await call_fenced(reader.client, ACK, fence, keys, args)
+        await call_fenced(reader.client, ACK, fence, keys, args, lane=reader.lane)
         return 0
     commands: list[tuple[Any, ...]] = [
         ("UNLINK", *unlink[start : start + UNLINK_CHUNK])
         for start in range(0, len(unlink), UNLINK_CHUNK)
     ]
     commands.append(fenced_command(ACK, fence, keys, args))
-    replies = await with_library(reader.client, partial(transaction, reader.client, commands))
+    attempt = partial(transaction, reader.client, commands, lane=reader.lane)
+    replies = await with_library(reader.client, attempt)
     return sum(replies[:-1])

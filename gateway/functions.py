@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from invalgw.connections import AsyncRedis, call
+from invalgw.connections import AsyncRedis, Lane, call
 
 T = TypeVar("T")
 
@@ -205,13 +205,18 @@ def check_renewed(fence: Fence | None) -> None:
 
 
 async def call_fenced(
-    client: AsyncRedis, function: str, fence: Fence | None, keys: Sequence[Any], args: Sequence[Any]
+    client: AsyncRedis,
+    function: str,
+    fence: Fence | None,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    *,
+    lane: Lane | None = None,
 ) -> Any:
     """``FCALL function`` with the fence's lease key and holder first (unchecked without one),
     loading the library first if the Redis lost it (restarted since the start)."""
-    return await with_library(
-        client, partial(call, client, *fenced_command(function, fence, keys, args))
-    )
+    command = fenced_command(function, fence, keys, args)
+    return await with_library(client, partial(call, client, *command, lane=lane))
 
 
 async def with_library(client: AsyncRedis, attempt: Callable[[], Awaitable[T]]) -> T:

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import redis
 
-from invalgw.connections import AsyncRedis, read_group
+from invalgw.connections import AsyncRedis, Lane, read_group
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class GroupReader:
         on_read: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
+        self.lane = Lane(client)
+        """The connection the stage reads and acknowledges its batches on (closed with it)."""
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -97,6 +99,7 @@ class GroupReader:
                 self._cursor,
                 count=self.count,
                 block_ms=None if pending else self.block_ms,
+                lane=self.lane,
             )
         except redis.ResponseError as exc:
             if "UNBLOCKED" in str(exc):  # the stream was deleted while we waited on it

@@ -123,6 +123,12 @@ class Stage:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run until drained. Reports ready once the group exists and start-up claims are done."""
+        try:
+            await self._run(task_status)
+        finally:
+            await self.reader.lane.close()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = await until_ok(
             self._start,
             self.drain,

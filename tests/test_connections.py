@@ -12,7 +12,7 @@ import redis
 import redis.asyncio
 
 from invalgw.config import RedisEndpoint
-from invalgw.connections import close, connect, connect_sync, transaction
+from invalgw.connections import Lane, call, close, connect, connect_sync, transaction
 from tests.servers import redis_servers
 
 pytestmark = pytest.mark.anyio
@@ -79,4 +79,25 @@ async def test_a_transaction_to_a_frozen_redis_times_out_and_its_connection_is_n
         finally:
             server.resume()
         assert await transaction(client, [("GET", "k")]) in ([b"2"], [b"3"])
+        await client.aclose()
+
+
+async def test_a_lane_keeps_one_connection_and_connects_again_after_a_failure() -> None:
+    """A stage's reads and acknowledgements go on one connection of its own (a lane), not one
+    taken from the pool and given back each time; one the server dropped fails that call only,
+    and the next one connects again; closing the lane gives the connection back to the pool."""
+    with redis_servers(1) as (server,):
+        client = connect(RedisEndpoint(url=server.url, retries=0), name="test")
+        lane = Lane(client)
+        first = await call(client, "CLIENT", "ID", lane=lane)
+        assert await call(client, "CLIENT", "ID", lane=lane) == first
+        assert await transaction(client, [("CLIENT", "ID")], lane=lane) == [first]
+        await call(client, "CLIENT", "KILL", "ID", first)
+        with pytest.raises(redis.ConnectionError):
+            await call(client, "PING", lane=lane)
+        again = await call(client, "CLIENT", "ID", lane=lane)
+        assert again != first
+        assert await call(client, "CLIENT", "ID", lane=lane) == again
+        await lane.close()
+        assert await call(client, "CLIENT", "ID") == again  # back in the pool, handed out next
         await client.aclose()

@@ -46,7 +46,7 @@ async def test_a_cache_retry_whose_acknowledgement_failed_acknowledges_later(
         assert [e[0] for e in await reader.read()] == [entry_id]
         done = ack_when_done(reader, entry_id, 1)
         retries = CacheRetries(Cache(admin), drain=drain)
-        await admin.acl_setuser(user, commands=["-xack"])  # the acknowledgement fails
+        await admin.acl_setuser(user, enabled=True, commands=["-xack"])  # the ack fails
         await admin.acl_log_reset()
         async with anyio.create_task_group() as tg:
             await tg.start(retries.run)
@@ -56,7 +56,7 @@ async def test_a_cache_retry_whose_acknowledgement_failed_acknowledges_later(
                 return any(b"xack" in repr(item).encode() for item in await admin.acl_log())
 
             await wait_until(refused, what="the acknowledgement to be refused")
-            await admin.acl_setuser(user, commands=["+xack"])
+            await admin.acl_setuser(user, enabled=True, commands=["+xack"])
 
             async def acknowledged() -> bool:
                 return int((await admin.xpending(stream, "apply"))["pending"]) == 0

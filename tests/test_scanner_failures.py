@@ -77,7 +77,7 @@ async def test_a_walk_given_up_while_redis_refuses_the_dead_letter_stops_nothing
                 return any(b"xadd" in repr(item).encode() for item in await admin.acl_log())
 
             await wait_until(refused, what="the dead letter to be refused")
-            await admin.acl_setuser(user, commands=["+xadd"])
+            await admin.acl_setuser(user, enabled=True, commands=["+xadd"])
             with anyio.fail_after(10):
                 await acknowledged.wait()
             assert await admin.xlen(letters_stream) == 1
