@@ -192,8 +192,7 @@ class Lane:
     async def connection(self) -> Any:
         connection = self._connection
         if connection is None:
-            pool = self.client.connection_pool
-            connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = self._connection = await _take(self.client, None)
         elif not connection.is_connected:
             await connection.connect()
         return connection
@@ -276,7 +275,7 @@ async def transaction(
     pool's events), which cost more CPU than the round trip itself for the acknowledgement of
     each batch. Never retried here: a caller that must not repeat a write on its own (a
     group's acknowledgement) gets the error. A connection that failed or was interrupted with
-    replies unread is dropped, never reused.
+    replies unread is disconnected, never reused as it is.
     """
     connection = await _take(client, lane)
     try:

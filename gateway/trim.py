@@ -192,9 +192,9 @@ class StreamTrimmer:
     async def round(self) -> list[GroupPosition]:
         """Report losses, trim, report what the trim cost; returns each group's position."""
         try:
-            if await self._still_idle():
-                assert self._idle is not None
-                return self._idle[1]
+            unmoved = await self._unmoved_groups()
+            if unmoved is not None:
+                return unmoved
             self._idle, self._probes = None, 0
             state, groups = await self._read()
         except redis.ResponseError as exc:
@@ -224,20 +224,22 @@ class StreamTrimmer:
             self._idle = (_stream_shape(state), groups)
         return groups
 
-    async def _still_idle(self) -> bool:
-        """Whether the stream is as the last round left it, every group having had all of it:
-        then no group can have moved, and one ``XINFO STREAM`` stands for a round (an idle
-        stream costs a tenth of what the round's transaction does), but every
-        :data:`FULL_ROUND_EVERY`-th (a group an operator moved or created is seen within it)."""
+    async def _unmoved_groups(self) -> list[GroupPosition] | None:
+        """The groups as the last round found them, if the stream is as it left it and every
+        group had all of it: then no group can have moved, and one ``XINFO STREAM`` stands for a
+        round (a tenth of what the round's transaction costs), but every
+        :data:`FULL_ROUND_EVERY`-th (a group an operator moved or created is seen within it).
+        None: a full round is due."""
         if self._idle is None or self._probes >= FULL_ROUND_EVERY - 1:
-            return False
+            return None
+        shape, groups = self._idle
         info = await call(self.client, "XINFO", "STREAM", self.stream)
         state = self._remember(StreamState.parse(_fields(info)))
-        if _stream_shape(state) != self._idle[0]:
-            return False
+        if _stream_shape(state) != shape:
+            return None
         self._probes += 1
         self._pace(state)
-        return True
+        return groups
 
     async def _read(self) -> tuple[StreamState, list[GroupPosition]]:
         """The stream, its groups and their pending entries, as one MULTI saw them: a sender
